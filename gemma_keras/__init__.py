@@ -1,0 +1,35 @@
+"""gemma-keras: Gemma 2 in Keras 3, from Hugging Face checkpoints to TFLite and TF Serving.
+
+Public names are resolved lazily (PEP 562) so that `import gemma_keras.tflite` does not pull
+in Keras or TensorFlow.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Gemma2Config": "gemma_keras.config",
+    "PRESETS": "gemma_keras.config",
+    "ConfigError": "gemma_keras.config",
+    "Gemma2Backbone": "gemma_keras.backbone",
+    "Gemma2CausalLM": "gemma_keras.causal_lm",
+    "Gemma2Attention": "gemma_keras.attention",
+    "Gemma2DecoderBlock": "gemma_keras.decoder_block",
+    "RMSNorm": "gemma_keras.layers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gemma_keras' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

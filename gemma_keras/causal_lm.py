@@ -1,0 +1,61 @@
+"""Gemma 2 with its (tied) language-model head: token ids in, next-token logits out."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from gemma_keras.backbone import Gemma2Backbone
+from gemma_keras.layers import _PACKAGE, soft_cap
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Gemma2CausalLM(keras.Model):
+    """Gemma 2 causal language model.
+
+    `Gemma2CausalLM(backbone)` takes a `Gemma2Backbone`, or anything a backbone is built
+    from: a `Gemma2Config`, a dict of its fields, or a preset name (weights random).
+    Called on `{"token_ids": int [B, T], "padding_mask": [B, T]}` it returns float32 logits
+    [B, T, vocab]: the hidden states projected on the tied embedding, then soft-capped.
+
+    Example:
+    >>> lm = Gemma2CausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+    ...     query_pre_attn_scalar=8))
+    >>> lm({"token_ids": np.array([[2, 5]]), "padding_mask": np.array([[1, 1]])}).shape
+    (1, 2, 64)
+    """
+
+    def __init__(self, backbone, dtype=None, **kwargs):
+        if not isinstance(backbone, Gemma2Backbone):
+            backbone = Gemma2Backbone(backbone, dtype=dtype)
+        super().__init__(dtype=backbone.dtype_policy, **kwargs)
+        self.backbone = backbone
+        self.tokenizer = None  # attached by from_pretrained / the converters
+        self.built = True
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def build(self, input_shape=None):
+        """Weights are created with the backbone; nothing is left to build."""
+
+    def call(self, inputs):
+        return self.logits(self.backbone(inputs))
+
+    def logits(self, hidden):
+        """Project hidden states on the tied embedding and apply the final soft-cap (float32)."""
+        logits = ops.cast(self.backbone.embed_tokens.attend(hidden), "float32")
+        return soft_cap(logits, self.config.final_logit_softcapping)
+
+    def get_config(self):
+        base = super().get_config()
+        base.pop("dtype", None)
+        return {**base, "backbone": keras.saving.serialize_keras_object(self.backbone)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)

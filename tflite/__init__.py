@@ -1,0 +1,1 @@
+"""TFLite (LiteRT) export and an interpreter wrapper that needs neither TensorFlow nor Keras."""
