@@ -49,6 +49,52 @@ class Gemma2CausalLM(keras.Model):
         logits = ops.cast(self.backbone.embed_tokens.attend(hidden), "float32")
         return soft_cap(logits, self.config.final_logit_softcapping)
 
+    # ------------------------------------------------------------ generation
+    def generate(self, prompts, **kwargs):
+        """Generate text or token ids; see `gemma_keras.generation.generate`."""
+        from gemma_keras import generation
+
+        return generation.generate(self, prompts, **kwargs)
+
+    def stream(self, prompt, **kwargs):
+        """Yield generated pieces as they are produced; see `gemma_keras.generation.stream`."""
+        from gemma_keras import generation
+
+        return generation.stream(self, prompt, **kwargs)
+
+    # ------------------------------------------------------------- training
+    def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
+        """Keras `compile` with Gemma defaults for every "auto" argument (AdamW, masked
+        sparse cross-entropy on logits, masked accuracy); see `gemma_keras.training`."""
+        from gemma_keras import training
+
+        optimizer, loss, weighted_metrics = training.default_compile_args(
+            self, optimizer, loss, weighted_metrics
+        )
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics,
+                        **kwargs)
+
+    def enable_lora(self, rank, alpha=None, targets=None):
+        """Add LoRA adapters and freeze everything else; see `gemma_keras.lora`."""
+        from gemma_keras import lora
+
+        return lora.enable_lora(self, rank, alpha=alpha, targets=targets)
+
+    def merge_lora(self):
+        """Fold the LoRA adapters into the base weights; see `gemma_keras.lora`."""
+        from gemma_keras import lora
+
+        return lora.merge_lora(self)
+
+    # --------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, directory, dtype=None):
+        """Load a `gemma-keras convert` directory, tokenizer attached; see
+        `gemma_keras.pretrained`."""
+        from gemma_keras import pretrained
+
+        return pretrained.load(directory, dtype=dtype)
+
     def get_config(self):
         base = super().get_config()
         base.pop("dtype", None)
