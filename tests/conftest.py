@@ -83,3 +83,28 @@ def torch_logits(model, ids, mask):
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ------------------------------------------------------------------ tiny tokenizer
+TINY_TOKENIZER_WORDS = (
+    "the a cat dog sat on mat and ran to hello world model user is was big small red blue "
+    "green one two three what where who why how you i we they it this that yes no good"
+).split()
+
+
+def tiny_corpus(n=400, seed=0):
+    """Deterministic toy sentences for training the tiny SentencePiece model."""
+    rng = np.random.default_rng(seed)
+    words = TINY_TOKENIZER_WORDS
+    return [" ".join(words[j] for j in rng.integers(0, len(words), 9)) + ("?" if i % 4 else ".")
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A GemmaTokenizer with Gemma's special ids and TINY_HF_CONFIG's vocabulary size."""
+    from gemma_keras.tokenizer import GemmaTokenizer, train_sentencepiece
+
+    prefix = tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer"
+    path = train_sentencepiece(tiny_corpus(), prefix, vocab_size=TINY_HF_CONFIG["vocab_size"])
+    return GemmaTokenizer(path)

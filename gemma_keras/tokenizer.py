@@ -1,0 +1,253 @@
+"""Gemma's SentencePiece tokenizer: encode/decode, the chat template, in-graph use, training.
+
+This module imports only `sentencepiece` at load time, so the TFLite runtime can use it
+without TensorFlow or Keras. The TensorFlow pieces (`tf_tokenizer`, `tf_encode`,
+`tf_decode`) import tensorflow-text when first used.
+
+Special ids (Gemma's): pad 0, eos 1, bos 2, unk 3, `<start_of_turn>` 106, `<end_of_turn>` 107.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
+
+# Gemma's reserved pieces between unk (3) and <start_of_turn> (106): ids 4..105.
+_GEMMA_FILLERS = ["<mask>", "<2mass>", "[@BOS@]"] + [f"<unused{i}>" for i in range(99)]
+_ROLES = {"user": "user", "model": "model", "assistant": "model"}
+
+
+class GemmaTokenizer:
+    """A Gemma `tokenizer.model` (SentencePiece) with Gemma's special tokens.
+
+    Example:
+    >>> tok = GemmaTokenizer("tokenizer.model")
+    >>> ids = tok.encode("hello")          # [2, ...]: bos first
+    >>> tok.decode(ids)
+    'hello'
+    >>> tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    '<start_of_turn>user\\nhi<end_of_turn>\\n<start_of_turn>model\\n'
+    """
+
+    def __init__(self, proto_path):
+        proto_path = os.fspath(proto_path)
+        if not os.path.isfile(proto_path):
+            raise FileNotFoundError(f"tokenizer model not found: {proto_path}")
+        self._proto_path = proto_path
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(proto_path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{proto_path} is not a SentencePiece model: {e}") from None
+        self._check_special_ids()
+        self._special_ids = {self.pad_id, self.bos_id, self.eos_id,
+                             self.start_of_turn_id, self.end_of_turn_id}
+        self._tf_tokenizer = None
+
+    def _check_special_ids(self):
+        expected = {PAD_ID: "<pad>", EOS_ID: "<eos>", BOS_ID: "<bos>",
+                    START_OF_TURN_ID: START_OF_TURN, END_OF_TURN_ID: END_OF_TURN}
+        if self._sp.GetPieceSize() <= END_OF_TURN_ID:
+            raise ValueError(
+                f"{self._proto_path}: vocabulary of {self._sp.GetPieceSize()} pieces is too "
+                f"small for Gemma's special ids (need more than {END_OF_TURN_ID})"
+            )
+        wrong = {i: (p, self._sp.IdToPiece(i)) for i, p in expected.items()
+                 if self._sp.IdToPiece(i) != p}
+        if wrong:
+            detail = ", ".join(f"id {i} should be {p!r} but is {got!r}"
+                               for i, (p, got) in wrong.items())
+            raise ValueError(f"{self._proto_path} is not a Gemma tokenizer: {detail}")
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def proto_path(self) -> str:
+        return self._proto_path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    pad_id = property(lambda self: PAD_ID, doc="id of `<pad>` (0)")
+    eos_id = property(lambda self: EOS_ID, doc="id of `<eos>` (1)")
+    bos_id = property(lambda self: BOS_ID, doc="id of `<bos>` (2)")
+    start_of_turn_id = property(lambda self: START_OF_TURN_ID, doc="id of `<start_of_turn>`")
+    end_of_turn_id = property(lambda self: END_OF_TURN_ID, doc="id of `<end_of_turn>`")
+
+    @property
+    def special_ids(self) -> frozenset:
+        """pad, bos, eos, `<start_of_turn>`, `<end_of_turn>`: the ids `decode` leaves out."""
+        return frozenset(self._special_ids)
+
+    # ------------------------------------------------------------- encode/decode
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, `<bos>` first unless `add_bos=False`.
+
+        `<start_of_turn>` and `<end_of_turn>` written in the text become their ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._sp.EncodeAsIds(text)
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; pad, bos, eos and the turn markers are skipped by default."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self._sp.DecodeIds(ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.IdToPiece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.PieceToId(piece)
+
+    def __call__(self, text, add_bos: bool = True):
+        """`encode` for a str, a list of id lists for a list of str."""
+        if isinstance(text, str):
+            return self.encode(text, add_bos=add_bos)
+        return [self.encode(t, add_bos=add_bos) for t in text]
+
+    # -------------------------------------------------------------- chat template
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """Gemma's turn format for `[{"role": "user"|"model"|"assistant", "content": str}]`.
+
+        Each turn is `<start_of_turn>{role}\\n{content}<end_of_turn>\\n` ("assistant" is
+        written "model"); with `add_generation_prompt`, `<start_of_turn>model\\n` follows.
+        `<bos>` is not included: `encode` adds it.
+        """
+        if isinstance(messages, dict):
+            messages = [messages]
+        parts = []
+        for n, message in enumerate(messages):
+            try:
+                role, content = message["role"], message["content"]
+            except (TypeError, KeyError):
+                raise ValueError(
+                    f"message {n} must be a dict with 'role' and 'content', got {message!r}"
+                ) from None
+            if role == "system":  # Gemma has no system turn: prepend to the next user turn
+                raise ValueError(
+                    "Gemma 2 has no 'system' role; put the instructions in the first user turn"
+                )
+            if role not in _ROLES:
+                raise ValueError(
+                    f"message {n} has role {role!r}; expected 'user', 'model' or 'assistant'"
+                )
+            if not isinstance(content, str):
+                raise ValueError(f"message {n} content must be a str, got {type(content).__name__}")
+            parts.append(f"{START_OF_TURN}{_ROLES[role]}\n{content}{END_OF_TURN}\n")
+        if add_generation_prompt:
+            parts.append(f"{START_OF_TURN}model\n")
+        return "".join(parts)
+
+    # ------------------------------------------------------------ TensorFlow use
+    @property
+    def tf_tokenizer(self):
+        """A `tensorflow_text.SentencepieceTokenizer` on the same model (for graphs/tf.data)."""
+        if self._tf_tokenizer is None:
+            import tensorflow as tf
+            import tensorflow_text as tf_text
+
+            with open(self._proto_path, "rb") as f:
+                proto = f.read()
+            with tf.init_scope():  # eager resource, even when first used inside a tf.function
+                self._tf_tokenizer = tf_text.SentencepieceTokenizer(model=proto,
+                                                                    out_type=tf.int32)
+        return self._tf_tokenizer
+
+    def tf_encode(self, text, add_bos: bool = True):
+        """In-graph `encode`: a string tensor [N] (or scalar) -> int32 RaggedTensor [N, None]
+        (or a 1-D tensor). Works inside `tf.function` and `tf.data.Dataset.map`."""
+        import tensorflow as tf
+
+        ids = self.tf_tokenizer.tokenize(text)
+        if not add_bos:
+            return ids
+        if isinstance(ids, tf.RaggedTensor):
+            bos = tf.fill([ids.nrows(), 1], tf.constant(self.bos_id, tf.int32))
+            return tf.concat([bos, ids], axis=1)
+        return tf.concat([[self.bos_id], ids], axis=0)
+
+    def tf_decode(self, ids):
+        """In-graph `decode`: int ids (dense or ragged, [N, None] or [None]) -> strings,
+        dropping pad, bos, eos and the turn markers."""
+        import tensorflow as tf
+
+        if not isinstance(ids, tf.RaggedTensor) and ids.shape.rank == 2:
+            ids = tf.RaggedTensor.from_tensor(ids)
+        special = tf.constant(sorted(self._special_ids), tf.int32)
+        ids = tf.cast(ids, tf.int32)
+        keep = tf.reduce_all(tf.not_equal(ids[..., None], special), axis=-1)
+        return self.tf_tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
+
+    def __repr__(self):
+        return f"GemmaTokenizer({self._proto_path!r}, vocab_size={self.vocab_size})"
+
+
+def train_sentencepiece(texts, out_prefix, vocab_size, model_type="unigram",
+                        byte_fallback=False, **trainer_kwargs) -> str:
+    """Train a small SentencePiece model with Gemma's special ids; return the `.model` path.
+
+    `texts` is an iterable of strings (a list or a generator). The model gets pad 0, eos 1,
+    bos 2, unk 3, Gemma's reserved pieces at 4..105, `<start_of_turn>` 106, `<end_of_turn>`
+    107 (user-defined, so the chat template in text encodes to them), "\\n" at 108, and
+    learned pieces from 109 up; `vocab_size` counts all of them and must exceed 109.
+    Normalisation is Gemma's: identity, whitespace kept as is, no dummy prefix. Extra
+    keyword arguments go to `sentencepiece.SentencePieceTrainer.train`.
+
+    Example:
+    >>> path = train_sentencepiece(["hello world"] * 100, "/tmp/tiny", vocab_size=118)
+    >>> GemmaTokenizer(path).decode(GemmaTokenizer(path).encode("hello"))
+    'hello'
+    """
+    reserved = END_OF_TURN_ID + 2
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size must be more than {reserved} (Gemma's reserved ids), "
+                         f"got {vocab_size}")
+    texts = iter([texts] if isinstance(texts, str) else texts)
+    out_prefix = os.fspath(out_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    model = io.BytesIO()
+    options = dict(
+        sentence_iterator=texts,
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        # "\n" right after the turn markers, at 108 as in Gemma (sentences are lines, so
+        # the trainer never sees a newline inside one).
+        user_defined_symbols=[*_GEMMA_FILLERS, START_OF_TURN, END_OF_TURN, "\n"],
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        byte_fallback=byte_fallback,
+        character_coverage=1.0,
+        hard_vocab_limit=True,
+        minloglevel=2,
+    )
+    options.update(trainer_kwargs)
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training for {out_prefix} failed: {e}") from None
+    path = out_prefix + ".model"
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+    GemmaTokenizer(path)  # checks that every special id landed where Gemma has it
+    return path
