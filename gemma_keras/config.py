@@ -169,6 +169,7 @@ class Gemma2Config:
             tie_word_embeddings=True,
             use_cache=True,
             cache_implementation="hybrid",
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
         )
         return d
 
