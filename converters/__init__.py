@@ -1,5 +1,12 @@
-"""Hugging Face safetensors checkpoints into Keras and back."""
+"""Hugging Face safetensors checkpoints into Keras and back, streaming one tensor at a time.
 
-from gemma_keras.converters.hf_checkpoint import CheckpointError, load_hf_checkpoint
+- `load_hf_checkpoint(path, dtype)`: an HF Gemma 2 directory -> `Gemma2CausalLM`.
+- `save_hf_checkpoint(model, out_dir, dtype)`: the reverse, loadable by transformers.
+- `convert_hf_to_keras` / `convert_keras_to_hf`: directory to directory (`gemma-keras convert`).
+"""
 
-__all__ = ["CheckpointError", "load_hf_checkpoint"]
+from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
+from gemma_keras.converters.hf_export import save_hf_checkpoint
+from gemma_keras.converters.safetensors_io import CheckpointError
+
+__all__ = ["CheckpointError", "load_hf_checkpoint", "save_hf_checkpoint"]

@@ -1,77 +1,30 @@
-"""Load a transformers `save_pretrained` Gemma 2 directory into a Keras `Gemma2CausalLM`."""
+"""Read a Hugging Face Gemma 2 checkpoint directory into a Keras `Gemma2CausalLM`, streaming."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import numpy as np
-
 from gemma_keras.config import Gemma2Config
+from gemma_keras.converters.files import attach_tokenizer
+from gemma_keras.converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from gemma_keras.converters.streaming import assign_rows, empty_causal_lm, rows_per_block
 from gemma_keras.converters.weight_map import TIED_ALIASES, weight_specs
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, or does not match its config."""
+_FLOAT_CODES = ("F32", "F16", "BF16")
 
 
-def _safetensors_files(directory: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file that holds it."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: directory / fname for name, fname in weight_map.items()}
-        for path in set(files.values()):
-            if not path.exists():
-                raise CheckpointError(f"{index} names {path.name}, which does not exist")
-        return files
-    paths = sorted(directory.glob("*.safetensors"))
-    if not paths:
-        raise CheckpointError(f"{directory}: no model.safetensors or *.safetensors files")
-    files = {}
-    for path in paths:
-        for name in _open(path).keys():
-            files[name] = path
-    return files
-
-
-def _open(path: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="numpy")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def load_hf_checkpoint(path, dtype=None):
-    """Load a Hugging Face Gemma 2 checkpoint directory as a `Gemma2CausalLM`.
-
-    Args:
-      path: directory with config.json and model.safetensors (or sharded model-*.safetensors
-        with model.safetensors.index.json).
-      dtype: Keras dtype policy for the model ("float32" by default: on CPU Keras computes
-        fastest in float32).
-
-    Every expected tensor is checked for presence and shape before any is loaded; an error
-    lists the missing, misshapen or unexpected names.
-    """
-    from gemma_keras.causal_lm import Gemma2CausalLM
-
-    directory = Path(path)
-    config_path = directory / "config.json"
-    if not config_path.exists():
+def read_hf_config(directory) -> Gemma2Config:
+    """The `Gemma2Config` of an HF directory's config.json (model_type must be gemma2)."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
-    config = Gemma2Config.from_json_file(config_path)
-    files = _safetensors_files(directory)
+    return Gemma2Config.from_json_file(config_path)
 
-    model = Gemma2CausalLM(config, dtype=dtype or "float32")
-    specs = weight_specs(model.backbone)
-    handles = {p: _open(p) for p in set(files.values())}
 
+def check_hf_checkpoint(checkpoint: SafetensorsCheckpoint, specs) -> None:
+    """Raise CheckpointError listing every missing, unexpected, misshapen or non-float tensor."""
     expected = {s.hf_name for s in specs}
-    present = set(files) - set(TIED_ALIASES)
+    present = set(checkpoint.names) - set(TIED_ALIASES)
     problems = []
     missing = sorted(expected - present)
     extra = sorted(present - expected)
@@ -80,21 +33,64 @@ def load_hf_checkpoint(path, dtype=None):
     if extra:
         problems.append(f"unexpected tensors: {extra}")
     for spec in specs:
-        if spec.hf_name in files:
-            shape = tuple(handles[files[spec.hf_name]].get_slice(spec.hf_name).get_shape())
-            if shape != spec.hf_shape:
-                problems.append(f"{spec.hf_name} has shape {shape}, expected {spec.hf_shape}")
+        if spec.hf_name not in checkpoint.files:
+            continue
+        shape = checkpoint.shapes[spec.hf_name]
+        if shape != spec.hf_shape:
+            problems.append(f"{spec.hf_name} has shape {shape}, expected {spec.hf_shape}")
+        if checkpoint.dtypes[spec.hf_name] not in _FLOAT_CODES:
+            problems.append(f"{spec.hf_name} has dtype {checkpoint.dtypes[spec.hf_name]}, "
+                            f"expected one of {_FLOAT_CODES}")
     if problems:
-        raise CheckpointError(f"{directory}: checkpoint does not match config.json: "
+        raise CheckpointError(f"{checkpoint.directory}: checkpoint does not match config.json: "
                               + "; ".join(problems))
 
-    for spec in specs:
-        source = files[spec.hf_name]
-        try:
-            tensor = handles[source].get_tensor(spec.hf_name)
-        except Exception as e:
-            raise CheckpointError(f"{source}: cannot read {spec.hf_name} ({e})") from None
+
+def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=False) -> int:
+    """Stream every tensor of `checkpoint` into `model`'s variables; return bytes read.
+
+    Tensors that keep their layout move in blocks of rows; transposed projections (at most
+    a few tens of MB each) move whole.
+    """
+    from tqdm.auto import tqdm
+
+    specs = weight_specs(model.backbone)
+    total = 0
+    for spec in tqdm(specs, desc="HF -> Keras", unit="tensor", disable=not progress):
+        name, variable = spec.hf_name, spec.variable
         if spec.transpose:
-            tensor = tensor.T
-        spec.variable.assign(np.asarray(tensor, dtype=spec.variable.dtype))
-    return model
+            assign_rows(variable, 0, checkpoint.read(name).T)
+        else:
+            num_rows, rows = spec.hf_shape[0], rows_per_block(spec.hf_shape, 4)
+            for start in range(0, num_rows, rows):
+                block = checkpoint.read(name, slice(start, min(start + rows, num_rows)))
+                assign_rows(variable, start, block)
+        total += checkpoint.nbytes(name)
+    return total
+
+
+def load_hf_checkpoint(path, dtype=None, progress=False):
+    """Load a Hugging Face Gemma 2 checkpoint directory as a `Gemma2CausalLM`.
+
+    Args:
+      path: directory with config.json and model.safetensors (or sharded model-*.safetensors
+        with model.safetensors.index.json); float32, float16 or bfloat16 tensors.
+      dtype: Keras dtype policy of the model ("float32" by default: on CPU Keras computes
+        fastest in float32).
+      progress: show a progress bar.
+
+    The config's model_type, and every tensor's presence and shape, are checked before any
+    weight is read; an error lists the missing, misshapen or unexpected names. Tensors are
+    read one at a time (large ones in blocks of rows) straight into the model's variables.
+    A `tokenizer.model` in the directory is attached as `model.tokenizer`.
+
+    Example:
+    >>> model = load_hf_checkpoint("gemma-2-2b", dtype="bfloat16")
+    """
+    directory = Path(path)
+    config = read_hf_config(directory)
+    checkpoint = SafetensorsCheckpoint(directory)
+    model = empty_causal_lm(config, dtype=dtype or "float32")
+    check_hf_checkpoint(checkpoint, weight_specs(model.backbone))
+    fill_from_checkpoint(model, checkpoint, progress=progress)
+    return attach_tokenizer(model, directory)
