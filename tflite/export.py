@@ -1,0 +1,287 @@
+"""Export a Gemma 2 causal LM to one `.tflite` file with prefill/decode signatures and a KV cache.
+
+The file follows the conventions of Google's LiteRT-LM and MediaPipe LLM runtimes:
+
+  prefill_<T>  inputs  tokens int32 [1, T], input_pos int32 [T], mask float32 [1, 1, T, S],
+                       kv_cache_k_<i> / kv_cache_v_<i> float32 [1, S, kv_heads, head_dim]
+               outputs kv_cache_k_<i> / kv_cache_v_<i> (the updated caches)
+  decode       the same with T = 1, plus output logits float32 [1, 1, vocab]
+
+S is the cache length. `mask` is additive: 0 where a query may see a key, a large negative
+number (LiteRT-LM writes -0.7 * FLT_MAX) where it may not. Token t of a call is written at
+cache slot `input_pos[0] + t` (one contiguous XLA dynamic_update_slice, which TFLite runs as
+DYNAMIC_UPDATE_SLICE), and its RoPE position is `input_pos[t]`. Sliding-window layers add
+their window constraint inside the graph from `input_pos` and the slot index.
+
+The model's own Keras layers run the graph (TensorFlow backend): `backbone.embed` and
+`backbone.run_blocks`; only the tied output head is written here, as
+`matmul(hidden, embedding, transpose_b=True)` so that the converter maps it to
+FULLY_CONNECTED on the very tensor GATHER reads (one stored copy).
+
+This module imports TensorFlow; `gemma_keras.tflite` imports it only when exporting.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gemma_keras.tflite import quantize as quantize_lib
+from gemma_keras.tflite.signatures import (
+    DECODE,
+    LOGITS,
+    MASK_VISIBLE_ABOVE,
+    cache_names,
+    prefill_name,
+)
+
+DEFAULT_PREFILL_LENS = (8, 64, 256)
+DEFAULT_KV_CACHE_MAX_LEN = 1024
+
+
+def _require_tensorflow_backend():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "TFLite export traces the Keras model with TensorFlow; set KERAS_BACKEND=tensorflow "
+            f"(the current backend is {keras.backend.backend()!r})"
+        )
+
+
+def _load_model(model):
+    """A `Gemma2CausalLM`, or a model directory (config.json + safetensors) to load one from."""
+    from gemma_keras.causal_lm import Gemma2CausalLM
+
+    if isinstance(model, Gemma2CausalLM):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        directory = Path(model)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"{directory}: not a model directory (no config.json)")
+        from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
+
+        return load_hf_checkpoint(directory, dtype="float32")
+    raise TypeError(f"expected a Gemma2CausalLM or a model directory, got {type(model).__name__}")
+
+
+def _check_lengths(config, kv_cache_max_len, prefill_lens):
+    if int(kv_cache_max_len) < 2:
+        raise ValueError(f"kv_cache_max_len must be at least 2, got {kv_cache_max_len}")
+    if kv_cache_max_len > config.max_position_embeddings:
+        raise ValueError(
+            f"kv_cache_max_len={kv_cache_max_len} exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
+    lens = sorted({int(t) for t in prefill_lens})
+    if not lens or lens[0] < 1:
+        raise ValueError(f"prefill_lens must be positive integers, got {list(prefill_lens)}")
+    if lens[-1] > kv_cache_max_len:
+        raise ValueError(
+            f"prefill length {lens[-1]} is longer than the cache (kv_cache_max_len="
+            f"{kv_cache_max_len})"
+        )
+    return int(kv_cache_max_len), lens
+
+
+class _GemmaSignatures:
+    """Builds the tf.functions of one export (a tf.Module holding the Keras model)."""
+
+    def __init__(self, model, kv_cache_max_len):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.model = model
+        self.config = model.config
+        self.cache_len = kv_cache_max_len
+        self.module = tf.Module()
+        # Track the tf.Variables under the Keras variables: the converter freezes those into
+        # constants, whereas tracked Keras variables stay resource variables (VAR_HANDLE /
+        # READ_VARIABLE) that no signature initialises.
+        self.module.weights = [v.value for v in model.variables]
+
+    def cache_specs(self):
+        tf = self.tf
+        c = self.config
+        shape = (1, self.cache_len, c.num_key_value_heads, c.head_dim)
+        k_names, v_names = cache_names(c.num_hidden_layers)
+        return {name: tf.TensorSpec(shape, tf.float32, name=name) for name in k_names + v_names}
+
+    def specs(self, seq_len):
+        tf = self.tf
+        return {
+            "tokens": tf.TensorSpec((1, seq_len), tf.int32, name="tokens"),
+            "input_pos": tf.TensorSpec((seq_len,), tf.int32, name="input_pos"),
+            "mask": tf.TensorSpec((1, 1, seq_len, self.cache_len), tf.float32, name="mask"),
+            **self.cache_specs(),
+        }
+
+    def step(self, inputs, with_logits):
+        """Run `tokens` through the model against the cache; return the named outputs."""
+        tf = self.tf
+        c = self.config
+        backbone = self.model.backbone
+        k_names, v_names = cache_names(c.num_hidden_layers)
+        cache = [(inputs[k], inputs[v]) for k, v in zip(k_names, v_names)]
+
+        positions = inputs["input_pos"][None, :]  # [1, T]
+        visible = inputs["mask"][:, 0] > MASK_VISIBLE_ABOVE  # [1, T, S]
+        distance = positions[:, :, None] - tf.range(self.cache_len, dtype=tf.int32)[None, None]
+        sliding = tf.logical_and(visible, distance < c.sliding_window)
+
+        hidden, new_cache = backbone.run_blocks(
+            self.embed(inputs["tokens"]), positions, (visible, sliding),
+            cache=cache, cache_index=inputs["input_pos"][0],
+        )
+        outputs = {}
+        for (k, v), k_name, v_name in zip(new_cache, k_names, v_names):
+            outputs[k_name] = tf.identity(k, name=k_name)
+            outputs[v_name] = tf.identity(v, name=v_name)
+        if with_logits:
+            outputs[LOGITS] = self.head(hidden[:, -1, :])[:, None, :]
+        return outputs
+
+    def table(self):
+        """The one stored embedding table, `E / final_logit_softcapping`.
+
+        TensorFlow's converter folds a constant scale after FULLY_CONNECTED into a scaled copy
+        of its weights, so `cap * tanh((h @ E.T) / cap)` would store the embedding twice. With
+        the table stored already divided by the cap, the head needs no scale and the token
+        lookup multiplies by `sqrt(hidden) * cap` instead of `sqrt(hidden)`: both read the
+        same tensor.
+        """
+        tf = self.tf
+        embedding = tf.convert_to_tensor(self.model.backbone.embed_tokens.embeddings)
+        return embedding * tf.constant(1.0 / self._cap, embedding.dtype)
+
+    @property
+    def _cap(self):
+        return self.config.final_logit_softcapping or 1.0
+
+    def embed(self, tokens):
+        """`backbone.embed(tokens)`, read from `table()`: [1, T] -> [1, T, hidden]."""
+        tf = self.tf
+        table = self.table()
+        scale = self.config.hidden_size**0.5 * self._cap
+        return tf.gather(table, tokens) * tf.constant(scale, table.dtype)
+
+    def head(self, hidden):
+        """Tied output head and final soft-cap: [1, hidden] -> float32 [1, vocab]."""
+        tf = self.tf
+        table = self.table()
+        logits = tf.cast(tf.matmul(tf.cast(hidden, table.dtype), table, transpose_b=True),
+                         tf.float32)
+        if self.config.final_logit_softcapping is not None:
+            logits = tf.tanh(logits) * self._cap
+        return logits
+
+    def concrete_functions(self, prefill_lens):
+        """`{signature_name: concrete function}` for every prefill length and decode."""
+        tf = self.tf
+        functions = {}
+        for seq_len in prefill_lens:
+            fn = tf.function(lambda inputs: self.step(inputs, with_logits=False))
+            functions[prefill_name(seq_len)] = fn.get_concrete_function(self.specs(seq_len))
+        fn = tf.function(lambda inputs: self.step(inputs, with_logits=True))
+        functions[DECODE] = fn.get_concrete_function(self.specs(1))
+        return functions
+
+
+def _convert(saved_model_dir, signature_keys, quantize):
+    """TensorFlow's converter on the SavedModel: builtin ops only, one copy of each weight."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=signature_keys
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    # Weights must become constants, not resource variables the interpreter never fills.
+    converter.experimental_enable_resource_variables = False
+    # Keep each norm scale a separate MUL: folding it into the following matmul writes a new
+    # copy of that weight (for the output head: a second copy of the tied embedding).
+    converter._experimental_disable_fuse_mul_and_fc = True
+    converter._experimental_use_buffer_offset = True  # files over 2 GB
+    if quantize == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "dynamic_int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        # Per-tensor scales for FULLY_CONNECTED too, so that the tied embedding gets one
+        # int8 copy shared by GATHER and the output head.
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    return converter.convert()
+
+
+def export_tflite(model, out, quantize="none", kv_cache_max_len=DEFAULT_KV_CACHE_MAX_LEN,
+                  prefill_lens=DEFAULT_PREFILL_LENS, progress=True):
+    """Export `model` (a `Gemma2CausalLM` or a model directory) to the `.tflite` file `out`.
+
+    Args:
+      quantize: one of `gemma_keras.tflite.QUANTIZATIONS`: "none" (float32), "fp16",
+        "dynamic_int8" (TensorFlow's converter), "weight_only_int8", "int4_block32",
+        "int4_block128" (ai-edge-quantizer on the float32 file).
+      kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S.
+      prefill_lens: one `prefill_<T>` signature per length T.
+    Returns the output path. The file is written under a temporary name and renamed when
+    complete.
+
+    Example:
+    >>> export_tflite("my_model_dir", "gemma.tflite", quantize="int4_block32",
+    ...               kv_cache_max_len=1280, prefill_lens=(8, 64, 256))  # doctest: +SKIP
+    """
+    quantize_lib.check_quantization(quantize)
+    _require_tensorflow_backend()
+    import tensorflow as tf
+
+    model = _load_model(model)
+    kv_cache_max_len, prefill_lens = _check_lengths(model.config, kv_cache_max_len, prefill_lens)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    steps = _progress(progress, total=4 if quantize in quantize_lib.AI_EDGE_RECIPES else 3)
+    with tempfile.TemporaryDirectory(prefix="gemma_tflite_", dir=out.parent) as work:
+        signatures = _GemmaSignatures(model, kv_cache_max_len)
+        functions = signatures.concrete_functions(prefill_lens)
+        steps.update("traced signatures")
+        saved_model_dir = Path(work) / "saved_model"
+        tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
+        steps.update("wrote SavedModel")
+        converter_mode = quantize if quantize in ("fp16", "dynamic_int8") else "none"
+        flatbuffer = _convert(saved_model_dir, list(functions), converter_mode)
+        steps.update("converted")
+        if quantize in quantize_lib.AI_EDGE_RECIPES:
+            flatbuffer = quantize_lib.quantize_flatbuffer(flatbuffer, quantize)
+            steps.update(f"quantized ({quantize})")
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_bytes(flatbuffer)
+        os.replace(tmp, out)
+    steps.close()
+    return out
+
+
+class _progress:
+    """A tqdm bar over the export's stages (silent when disabled)."""
+
+    def __init__(self, enabled, total):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="export-tflite", unit="step")
+
+    def update(self, what):
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def weight_bytes(config, bits):
+    """Bytes of the model's weights at `bits` per value, the tied embedding counted once."""
+    return int(np.ceil(config.num_parameters() * bits / 8))
