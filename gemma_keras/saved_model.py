@@ -1,0 +1,107 @@
+"""Export a `Gemma2CausalLM` as a versioned SavedModel that TensorFlow Serving loads as is.
+
+    BASE_DIR/N/saved_model.pb             graph and signatures (small: weights are variables)
+    BASE_DIR/N/variables/variables.*      weights, in shards of at most `max_shard_size` bytes
+    BASE_DIR/N/assets/tokenizer.model     the SentencePiece model the graph tokenizes with
+
+The version directory is written under a hidden temporary name and renamed when complete,
+so TensorFlow Serving (which watches BASE_DIR for numeric subdirectories) never sees half an
+export. See `gemma_keras.serving.module` for the signatures and docs/serving.md for clients.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MAX_SHARD_SIZE = 1 << 30  # 1 GiB
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def _tokenizer_path(model, tokenizer_path):
+    if tokenizer_path is None:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer attached; pass tokenizer_path= "
+                             "(a SentencePiece tokenizer.model)")
+        tokenizer_path = tokenizer.proto_path
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer(tokenizer_path)  # checks Gemma's special ids
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model's "
+                         f"vocabulary is {model.config.vocab_size}")
+    return Path(tokenizer.proto_path)
+
+
+def next_version(base_dir) -> int:
+    """1 + the highest numeric version under `base_dir` (1 when there is none)."""
+    base = Path(base_dir)
+    versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_length=None,
+                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+                       max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write `model` as the SavedModel `base_dir/version/` and return that path.
+
+    Args:
+      model: a `Gemma2CausalLM` built with the TensorFlow Keras backend.
+      base_dir: the model base path TensorFlow Serving is pointed at.
+      version: a positive integer; default: one more than the highest existing version.
+        An existing version is never overwritten.
+      tokenizer_path: the SentencePiece `tokenizer.model`; default: the attached tokenizer's.
+      max_length: the longest prompt plus completion (tokens) a request may ask for;
+        default: the config's `max_position_embeddings`.
+      max_new_tokens: the default of the request's `max_new_tokens` input.
+      max_shard_size: the largest variables shard, in bytes (bigger tensors are split).
+
+    Example:
+    >>> export_saved_model(model, "/models/gemma", version=1, tokenizer_path="tokenizer.model")
+    PosixPath('/models/gemma/1')
+    """
+    import tensorflow as tf
+
+    from gemma_keras.serving.core_ops import core_tf_slice_update
+    from gemma_keras.serving.module import GemmaServingModule
+
+    base = Path(base_dir)
+    version = next_version(base) if version is None else version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    target = base / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another version")
+    limit = int(model.config.max_position_embeddings)
+    max_length = limit if max_length is None else int(max_length)
+    if not 2 <= max_length <= limit:
+        raise ValueError(f"max_length must be in [2, {limit}] (max_position_embeddings), "
+                         f"got {max_length}")
+    if not 1 <= int(max_new_tokens) < max_length:
+        raise ValueError(f"max_new_tokens must be in [1, {max_length}), got {max_new_tokens}")
+    if int(max_shard_size) < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, "
+                         f"got {max_shard_size}")
+
+    tokenizer_path = _tokenizer_path(model, tokenizer_path)
+    options = tf.saved_model.SaveOptions(
+        experimental_sharding_callback=tf.train.experimental.MaxShardSizePolicy(
+            int(max_shard_size)))
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
+    try:
+        with tempfile.TemporaryDirectory() as staging:  # the asset keeps its file name
+            staged = shutil.copyfile(tokenizer_path, Path(staging) / "tokenizer.model")
+            module = GemmaServingModule(model, staged, max_length, int(max_new_tokens))
+            with core_tf_slice_update():
+                tf.saved_model.save(module, str(tmp), signatures=module.signatures(),
+                                    options=options)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model server may be another user
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,207 @@
+"""The `tf.Module` that a Gemma 2 SavedModel serves: text in, text out, plus scoring.
+
+Signatures (all TensorFlow + tensorflow-text ops, no XLA):
+  serving_default(prompts, max_new_tokens?, temperature?, top_k?, top_p?, seed?)
+      -> {"completions": string [batch], "token_ids": int32 [batch, steps]}
+  score(token_ids) -> {"log_probs": float32 [batch, length]}
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+from gemma_keras.serving.core_ops import core_tf_slice_update
+from gemma_keras.serving.sampling import next_token
+from gemma_keras.tokenizer import (BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID,
+                                   START_OF_TURN_ID)
+
+STOP_IDS = (EOS_ID, END_OF_TURN_ID)
+SKIPPED_IN_TEXT = (PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID)
+
+
+def _check(condition, template, *values):
+    """An in-graph assertion: InvalidArgumentError "assertion failed: [message]" when
+    `condition` is false; the message is `template` with each `{}` filled from `values`."""
+    message = tf.strings.format(template, values, summarize=8) if values else template
+    return tf.debugging.Assert(condition, [message])
+
+
+def _per_row(value, batch, name, dtype):
+    """Broadcast a scalar or a [batch] parameter to [batch] (one value per prompt)."""
+    value = tf.reshape(tf.cast(value, dtype), [-1])
+    size = tf.size(value)
+    with tf.control_dependencies([_check(
+        tf.logical_or(tf.equal(size, 1), tf.equal(size, batch)),
+        f"{name} must be a scalar or hold one value per prompt; got {{}} values for {{}} "
+        "prompts", size, batch,
+    )]):
+        return tf.broadcast_to(value, [batch])
+
+
+def _left_pad(ragged_ids):
+    """Ragged ids [batch, None] -> (left-padded ids [batch, T], start [batch]) with pad 0."""
+    lengths = tf.cast(ragged_ids.row_lengths(), tf.int32)
+    width = tf.reduce_max(lengths)
+    right = ragged_ids.to_tensor(default_value=PAD_ID)  # [batch, width]
+    start = width - lengths
+    source = tf.range(width)[None, :] - start[:, None]
+    padded = tf.where(source >= 0, tf.gather(right, tf.maximum(source, 0), batch_dims=1),
+                      PAD_ID)
+    return padded, start
+
+
+class GemmaServingModule(tf.Module):
+    """Holds a `Gemma2CausalLM`'s variables, the tokenizer asset and the serving functions.
+
+    The Keras model (TensorFlow backend) is called inside the functions; only its variables
+    are tracked, so the SavedModel needs no project code to load.
+
+    Args:
+      model: a `Gemma2CausalLM`.
+      tokenizer_path: the SentencePiece model, named `tokenizer.model` (it is copied into
+        `assets/` under its own name).
+      max_length: the longest prompt + completion, in tokens, a request may ask for.
+      max_new_tokens: the default of the `max_new_tokens` input.
+    """
+
+    def __init__(self, model, tokenizer_path, max_length, max_new_tokens):
+        super().__init__(name="gemma2_serving")
+        # Kept out of tf.Module's tracking: the Keras object graph is not saved, its
+        # variables are (below), and the traced functions capture them.
+        object.__setattr__(self, "_model", model)
+        self.model_variables = [v.value for v in model.variables]
+        # tensorflow-text's SentencepieceOp takes the model proto as an attribute, so the
+        # graph holds a copy of it; assets/tokenizer.model is the same file, for clients.
+        self.tokenizer_asset = tf.saved_model.Asset(str(tokenizer_path))
+        with open(tokenizer_path, "rb") as f:
+            self.tokenizer = tf_text.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
+        self.max_length = int(max_length)
+        self.vocab_size = int(model.config.vocab_size)
+
+        def generate(prompts,
+                     max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
+                     temperature=tf.constant(0.0, tf.float32),
+                     top_k=tf.constant(0, tf.int32),
+                     top_p=tf.constant(1.0, tf.float32),
+                     seed=tf.constant(0, tf.int64)):
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+
+        def score(token_ids):
+            return self._score(token_ids)
+
+        self.generate = tf.function(generate, jit_compile=False, autograph=False, input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompts"),
+            tf.TensorSpec(None, tf.int32, name="max_new_tokens"),
+            tf.TensorSpec(None, tf.float32, name="temperature"),
+            tf.TensorSpec(None, tf.int32, name="top_k"),
+            tf.TensorSpec(None, tf.float32, name="top_p"),
+            tf.TensorSpec(None, tf.int64, name="seed"),
+        ])
+        self.score = tf.function(score, jit_compile=False, autograph=False, input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+        ])
+
+    def signatures(self):
+        """`{"serving_default": ..., "score": ...}` for `tf.saved_model.save`.
+
+        Save within `core_tf_slice_update()` so the functions trace to core TensorFlow ops.
+        The `tf.function`s (not concrete functions) are given so that the SavedModel records
+        the optional inputs' defaults in the SignatureDef.
+        """
+        return {"serving_default": self.generate, "score": self.score}
+
+    # ------------------------------------------------------------------ text in/out
+    def _encode(self, prompts):
+        ids = self.tokenizer.tokenize(prompts)
+        bos = tf.fill([ids.nrows(), 1], tf.constant(BOS_ID, tf.int32))
+        return _left_pad(tf.concat([bos, ids], axis=1))
+
+    def _decode(self, token_ids):
+        keep = tf.reduce_all(token_ids[..., None] != tf.constant(SKIPPED_IN_TEXT), axis=-1)
+        return self.tokenizer.detokenize(tf.ragged.boolean_mask(token_ids, keep))
+
+    # -------------------------------------------------------------------- generate
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        model, backbone = self._model, self._model.backbone
+        with tf.control_dependencies([_check(tf.size(prompts) > 0, "prompts must hold at "
+                                             "least one string; got none")]):
+            prompts = tf.identity(prompts)  # everything below runs after the check
+        batch = tf.size(prompts)
+        max_new = _per_row(max_new_tokens, batch, "max_new_tokens", tf.int32)
+        temperature = _per_row(temperature, batch, "temperature", tf.float32)
+        top_k = _per_row(top_k, batch, "top_k", tf.int32)
+        top_p = _per_row(top_p, batch, "top_p", tf.float32)
+        seeds = _per_row(seed, batch, "seed", tf.int64)
+        prompt_ids, start = self._encode(prompts)
+        prompt_len = tf.shape(prompt_ids)[1]
+        steps = tf.reduce_max(max_new)
+        checks = [
+            _check(tf.reduce_all(max_new >= 1), "max_new_tokens must be >= 1; got {}", max_new),
+            _check(prompt_len + steps <= self.max_length,
+                   "the longest prompt has {} tokens; with max_new_tokens {} that exceeds the "
+                   f"{self.max_length} tokens (max_length) this model was exported for",
+                   prompt_len, steps),
+            _check(tf.reduce_all(temperature >= 0), "temperature must be >= 0; got {}",
+                   temperature),
+            _check(tf.reduce_all(top_k >= 0), "top_k must be >= 0 (0: off); got {}", top_k),
+            _check(tf.reduce_all((top_p > 0) & (top_p <= 1)),
+                   "top_p must be in (0, 1] (1: off); got {}", top_p),
+        ]
+        with tf.control_dependencies(checks):
+            cache = backbone.init_cache(batch, prompt_len + steps)
+        hidden, cache = backbone.call_with_cache(prompt_ids, cache, 0, start)
+        logits = model.logits(hidden[:, -1, :])
+        stop_ids = tf.constant(STOP_IDS, tf.int32)
+
+        def keep_going(step, logits, cache, done, tokens):
+            return tf.logical_and(step < steps, tf.logical_not(tf.reduce_all(done)))
+
+        def decode_step(step, logits, cache, done, tokens):
+            token = next_token(logits, temperature, top_k, top_p, seeds, step)
+            token = tf.where(done, PAD_ID, token)
+            tokens = tokens.write(step, token)
+            done = (done | tf.reduce_any(token[:, None] == stop_ids, axis=-1)
+                    | (step + 1 >= max_new))
+
+            def advance():
+                h, new_cache = backbone.call_with_cache(
+                    token[:, None], cache, prompt_len + step, start)
+                return model.logits(h[:, 0, :]), new_cache
+
+            more = tf.logical_and(step + 1 < steps, tf.logical_not(tf.reduce_all(done)))
+            logits, cache = tf.cond(more, advance, lambda: (logits, cache))
+            return step + 1, logits, cache, done, tokens
+
+        _, _, _, _, tokens = tf.while_loop(
+            keep_going, decode_step,
+            (tf.constant(0), logits, cache, tf.zeros([batch], tf.bool),
+             tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])),
+        )
+        token_ids = tf.transpose(tokens.stack())  # [batch, steps run]; the loop runs >= 1
+        return {"completions": self._decode(token_ids), "token_ids": token_ids}
+
+    # ----------------------------------------------------------------------- score
+    def _score(self, token_ids):
+        """log P(token_ids[:, t] | token_ids[:, :t]) for t >= 1; 0 at t = 0 and on padding.
+
+        Rows are right-padded with the pad id 0.
+        """
+        shape = tf.shape(token_ids)
+        valid = token_ids != PAD_ID
+        checks = [
+            _check(tf.reduce_all(shape > 0), "token_ids must be a non-empty [batch, length] "
+                   "matrix; got shape {}", shape),
+            _check(tf.reduce_all((token_ids >= 0) & (token_ids < self.vocab_size)),
+                   f"token_ids must be in [0, {self.vocab_size}); got min {{}} and max {{}}",
+                   tf.reduce_min(token_ids), tf.reduce_max(token_ids)),
+            _check(tf.logical_not(tf.reduce_any(valid[:, 1:] & tf.logical_not(valid[:, :-1]))),
+                   "token_ids must be right-padded with the pad id 0 (no token after a pad)"),
+        ]
+        with tf.control_dependencies(checks):
+            token_ids = tf.identity(token_ids)
+        hidden = self._model.backbone({"token_ids": token_ids, "padding_mask": valid})
+        log_probs = tf.nn.log_softmax(self._model.logits(hidden[:, :-1, :]), axis=-1)
+        picked = tf.gather(log_probs, token_ids[:, 1:, None], batch_dims=2)[..., 0]
+        picked = tf.concat([tf.zeros([shape[0], 1], picked.dtype), picked], axis=1)
+        return {"log_probs": tf.where(valid, picked, 0.0)}
