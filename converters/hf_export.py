@@ -48,6 +48,24 @@ def generation_config_dict(config) -> dict:
             "cache_implementation": "hybrid"}
 
 
+def write_hf_dir(model, directory, dtype=None, tokenizer_path=None,
+                 max_shard_bytes=MAX_SHARD_BYTES, progress=False) -> list[str]:
+    """Write `model` as HF files into the existing, empty `directory`; return their names."""
+    from tqdm.auto import tqdm
+
+    directory = Path(directory)
+    entries = hf_entries(model, dtype)
+    with tqdm(total=len(entries), desc="Keras -> HF", unit="tensor", disable=not progress) as bar:
+        files = write_sharded(directory, entries, max_shard_bytes, metadata={"format": "pt"},
+                              on_tensor=lambda e: bar.update())
+    _write_json(directory / "config.json", hf_config_dict(model.config, entries[0].dtype))
+    _write_json(directory / "generation_config.json", generation_config_dict(model.config))
+    files += ["config.json", "generation_config.json"]
+    if copy_tokenizer(tokenizer_path or model_tokenizer_path(model), directory):
+        files.append("tokenizer.model")
+    return files
+
+
 def save_hf_checkpoint(model, out_dir, dtype=None, tokenizer_path=None,
                        max_shard_bytes=MAX_SHARD_BYTES, overwrite=False, progress=False):
     """Write `model` as a transformers-loadable Gemma 2 directory; return its file names.
@@ -64,25 +82,13 @@ def save_hf_checkpoint(model, out_dir, dtype=None, tokenizer_path=None,
       progress: show a progress bar.
 
     Writes config.json, generation_config.json, the safetensors file(s) and tokenizer.model.
+    Tensors are read from the variables one at a time (the embedding in blocks of rows).
 
     Example:
     >>> save_hf_checkpoint(model, "gemma-2-2b-finetuned", dtype="bfloat16")
     """
-    from tqdm.auto import tqdm
-
-    entries = hf_entries(model, dtype)
-    out_dtype = dtype or entries[0].dtype
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        with tqdm(total=len(entries), desc="Keras -> HF", unit="tensor",
-                  disable=not progress) as bar:
-            files = write_sharded(tmp, entries, max_shard_bytes, metadata={"format": "pt"},
-                                  on_tensor=lambda e: bar.update())
-        _write_json(tmp / "config.json", hf_config_dict(model.config, out_dtype))
-        _write_json(tmp / "generation_config.json", generation_config_dict(model.config))
-        files += ["config.json", "generation_config.json"]
-        if copy_tokenizer(tokenizer_path or model_tokenizer_path(model), tmp):
-            files.append("tokenizer.model")
-    return files
+        return write_hf_dir(model, tmp, dtype, tokenizer_path, max_shard_bytes, progress)
 
 
 def _write_json(path: Path, data: dict):
