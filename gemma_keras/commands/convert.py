@@ -6,12 +6,13 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
+    import argparse
     import re
 
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS:
-        raise ValueError(f"--max-shard-size: expected a size like 5GB or 500MB, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got {text!r}")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
