@@ -50,6 +50,7 @@ class Generator:
         self.model = model
         self.backend = keras.backend.backend()
         self._compiled = {}
+        self._variables_key = None
         self.trace_counts = {}  # how often each compiled function was traced (for tests)
 
     # ---- the model math (traced by the compiler)
@@ -107,10 +108,13 @@ class Generator:
         jitted = jax.jit(stateless, donate_argnums=(2,) if donate_cache else ())
         return lambda *args: jitted([v.value for v in variables], *args)
 
-    def _get(self, key, make):
+    def _get(self, key, make, new_call=False):
         # Keyed on the model's variables too: enable_lora or quantize swap them, and a
-        # function traced before would still read the old ones.
-        key = (key, tuple(id(v) for v in self.model.variables))
+        # function traced before would still read the old ones. (Looked up once per
+        # prefill: listing a big model's variables every step would cost time.)
+        if new_call or self._variables_key is None:
+            self._variables_key = tuple(id(v) for v in self.model.variables)
+        key = (key, self._variables_key)
         if key not in self._compiled:
             self._compiled[key] = make()
         return self._compiled[key]
@@ -119,7 +123,7 @@ class Generator:
     def prefill(self, token_ids, start, cache_length):
         token_ids = np.asarray(token_ids, np.int32)
         fn = self._get(("prefill", token_ids.shape, cache_length),
-                       lambda: self._compile(self._prefill_fn(cache_length)))
+                       lambda: self._compile(self._prefill_fn(cache_length)), new_call=True)
         logits, cache = fn(ops.convert_to_tensor(token_ids),
                            ops.convert_to_tensor(np.asarray(start, np.int32)))
         return np.asarray(ops.convert_to_numpy(logits)), cache

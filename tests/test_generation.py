@@ -18,12 +18,15 @@ PROMPTS = [[2, 5, 9, 33, 40, 12, 7], [2, 70, 80], [2, 11, 12, 13, 14, 15, 16, 17
 def hf_varied():
     """The tiny random model with its post-norms scaled up, so that greedy decoding wanders
     over the vocabulary instead of repeating the last token (a test that can fail)."""
-    model = make_hf_model(seed=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only fight the other processes
+    model = make_hf_model(seed=3, num_hidden_layers=2)  # sliding + global; quick to compile
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "post_attention_layernorm" in name or "post_feedforward_layernorm" in name:
-                param.mul_(10)
-    return model
+                param.mul_(20)
+    yield model
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,14 @@ def test_per_sequence_stop_matches_transformers(lm, hf_varied):
 
 
 def test_cached_decode_logits_match_full_forward(lm, hf_varied):
-    """Prefill two left-padded prompts (7 and 3 tokens), then feed their continuations one
+    """Prefill left-padded prompts (7, 3 and 11 tokens), then feed their continuations one
     token a step: every step's logits equal the full forward pass (Keras and transformers)."""
     rng = np.random.default_rng(0)
-    rows = [[2, *rng.integers(3, 160, 24).tolist()] for _ in range(2)]
-    prompt_lengths, steps = [7, 3], 12
+    rows = [[2, *rng.integers(3, 160, 24).tolist()] for _ in range(3)]
+    prompt_lengths, steps = [7, 3, 11], 12  # the shapes of PROMPTS: no new compilation
     slots = PROMPT_BUCKET
     start = np.array([slots - n for n in prompt_lengths], np.int32)
-    prompt = np.zeros((2, slots), np.int32)
+    prompt = np.zeros((3, slots), np.int32)
     for b, n in enumerate(prompt_lengths):
         prompt[b, start[b]:] = rows[b][:n]
 
@@ -80,7 +83,7 @@ def test_cached_decode_logits_match_full_forward(lm, hf_varied):
         token = [[rows[b][n + t]] for b, n in enumerate(prompt_lengths)]
         logits, cache = gen.step(np.array(token), cache, slots + t, start)
         cached.append(logits)
-    cached = np.stack(cached, axis=1)  # [2, steps + 1, vocab]
+    cached = np.stack(cached, axis=1)  # [3, steps + 1, vocab]
 
     for b, n in enumerate(prompt_lengths):
         row = np.array([rows[b]])
@@ -100,3 +103,122 @@ def test_step_compiled_once_per_shape(lm):
     lm.generate(other, max_new_tokens=30, stop_token_ids=())
     assert gen.trace_counts == before
     assert all(n == 1 for n in gen.trace_counts.values()), gen.trace_counts
+
+
+# ------------------------------------------------------------------- text in, text out
+def test_text_generate_and_stream_agree(lm, tiny_tokenizer):
+    prompt = "hello the cat"
+    ids = lm.generate(tiny_tokenizer.encode(prompt), max_new_tokens=20, stop_token_ids=())
+    text = lm.generate(prompt, max_new_tokens=20, stop_token_ids=())
+    assert isinstance(text, str) and text == tiny_tokenizer.decode(ids)
+    batch = lm.generate(["yes", prompt, "who is it"], max_new_tokens=20, stop_token_ids=())
+    assert batch[1] == text
+    pieces = list(lm.stream(prompt, max_new_tokens=20, stop_token_ids=()))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    streamed_ids = list(lm.stream(tiny_tokenizer.encode(prompt), max_new_tokens=20,
+                                  stop_token_ids=()))
+    assert streamed_ids == ids
+
+
+def test_default_stops_are_eos_and_end_of_turn(lm):
+    free = lm.generate(PROMPTS, max_new_tokens=32, stop_token_ids=())
+    ours = lm.generate(PROMPTS, max_new_tokens=32)
+    for row, full in zip(ours, free):
+        cut = next((i for i, t in enumerate(full) if t in (1, 107)), len(full))
+        assert row == full[:cut]
+
+
+# --------------------------------------------------------------------------- sampling
+def test_sampling_is_reproducible_with_a_seed(lm):
+    kw = dict(max_new_tokens=24, stop_token_ids=())
+    for sampler, extra in [("temperature", {"temperature": 1.5}), ("top_k", {"top_k": 20}),
+                           ("top_p", {"top_p": 0.95})]:
+        a = lm.generate(PROMPTS, sampler=sampler, seed=7, **extra, **kw)
+        b = lm.generate(PROMPTS, sampler=sampler, seed=7, **extra, **kw)
+        c = lm.generate(PROMPTS, sampler=sampler, seed=8, **extra, **kw)
+        assert a == b and a != c, sampler
+    greedy = lm.generate(PROMPTS, **kw)
+    assert lm.generate(PROMPTS, sampler="top_k", top_k=1, seed=3, **kw) == greedy
+    assert lm.generate(PROMPTS, sampler=TopPSampler(1e-6), seed=3, **kw) == greedy
+
+
+def test_keras_hub_sampler_is_accepted(lm):
+    import keras_hub
+
+    kw = dict(max_new_tokens=8, stop_token_ids=())
+    assert (lm.generate(PROMPTS, sampler=keras_hub.samplers.GreedySampler(), **kw)
+            == lm.generate(PROMPTS, **kw))
+
+
+def _frequencies(sampler, logits, n=4000):
+    rng = np.random.default_rng(0)
+    draws = sampler(np.repeat(logits[None], n, axis=0).astype("float32"), rng)
+    return np.bincount(draws, minlength=len(logits)) / n
+
+
+def test_samplers_draw_from_the_right_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    np.testing.assert_array_equal(GreedySampler()(logits[None]), [0])
+    np.testing.assert_allclose(_frequencies(TemperatureSampler(1.0), logits),
+                               [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    hot = np.exp(logits / 2) / np.exp(logits / 2).sum()
+    np.testing.assert_allclose(_frequencies(TemperatureSampler(2.0), logits), hot, atol=0.03)
+    np.testing.assert_allclose(_frequencies(TopKSampler(2), logits), [0.625, 0.375, 0, 0],
+                               atol=0.03)
+    # top_p=0.7: 0.5 < 0.7, so the token that crosses 0.7 (0.3) is kept; 0.15 and 0.05 not
+    np.testing.assert_allclose(_frequencies(TopPSampler(0.7), logits), [0.625, 0.375, 0, 0],
+                               atol=0.03)
+    np.testing.assert_allclose(_frequencies(TopPSampler(1.0), logits),
+                               [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+# ------------------------------------------------------------------------------ limits
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
+    (dict(sampler="temperature", temperature=0), "temperature must be a positive"),
+    (dict(sampler="top_k", temperature=-1.0), "temperature must be a positive"),
+    (dict(sampler="top_p", top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(sampler="top_p", top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(sampler="top_k", top_k=0), "top_k must be a positive integer"),
+    (dict(sampler="beam"), "sampler must be one of"),
+    (dict(sampler="greedy", top_p=0.5), "no effect with sampler='greedy'"),
+    (dict(max_length=200), r"max_length \(200\) exceeds the model's context \(128"),
+    (dict(max_length=20, max_new_tokens=15), "prompt 0 has 7 tokens.*limit of 20 tokens"),
+    (dict(max_new_tokens=128), r"max_new_tokens \(128\) must be less than"),
+])
+def test_bad_arguments_are_refused(lm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lm.generate(PROMPTS, **{"max_new_tokens": 4, **kwargs})
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ("", "prompt 0 is an empty string"),
+    (["hello", ""], "prompt 1 is an empty string"),
+    ([[2, 5], []], "prompt 1 is empty"),
+    ([], "not empty"),
+    ([[2, 5], [2, 160]], r"prompt 1 has token ids outside \[0, 160\): \[160\]"),
+    ([[2, -1]], r"outside \[0, 160\)"),
+    ([[2, 5], "hi"], "cannot mix text and ids"),
+])
+def test_bad_prompts_are_refused(lm, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        lm.generate(prompts, max_new_tokens=4)
+
+
+def test_text_needs_a_tokenizer(lm):
+    tokenizer, lm.tokenizer = lm.tokenizer, None
+    try:
+        with pytest.raises(ValueError, match="need a tokenizer"):
+            lm.generate("hello", max_new_tokens=4)
+    finally:
+        lm.tokenizer = tokenizer
+
+
+def test_truncate_keeps_bos_and_the_last_tokens(lm):
+    long = [2, *range(20, 40)]  # 21 tokens; limit 24 with 8 new leaves room for 16
+    kw = dict(max_new_tokens=8, stop_token_ids=())
+    with pytest.raises(ValueError, match="truncate=True"):
+        lm.generate([long], max_length=24, **kw)
+    cut = lm.generate([long], max_length=24, truncate=True, **kw)
+    assert cut == lm.generate([[2, *long[-15:]]], **kw)
