@@ -166,7 +166,10 @@ class _GemmaSignatures:
         tf = self.tf
         table = self.table()
         scale = self.config.hidden_size**0.5 * self._cap
-        return tf.gather(table, tokens) * tf.constant(scale, table.dtype)
+        # A 1-D lookup, so that `quantize.gathers_to_embedding_lookups` can turn the GATHER
+        # into EMBEDDING_LOOKUP, the op ai-edge-quantizer quantizes.
+        rows = tf.gather(table, tf.reshape(tokens, [-1]))
+        return tf.reshape(rows, [1, -1, table.shape[-1]]) * tf.constant(scale, table.dtype)
 
     def head(self, hidden):
         """Tied output head and final soft-cap: [1, hidden] -> float32 [1, vocab]."""
@@ -232,34 +235,68 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=DEFAULT_KV_CACHE
     >>> export_tflite("my_model_dir", "gemma.tflite", quantize="int4_block32",
     ...               kv_cache_max_len=1280, prefill_lens=(8, 64, 256))  # doctest: +SKIP
     """
-    quantize_lib.check_quantization(quantize)
+    return export_tflite_variants(model, {quantize: out}, kv_cache_max_len, prefill_lens,
+                                  progress)[quantize]
+
+
+def export_tflite_variants(model, outputs, kv_cache_max_len=DEFAULT_KV_CACHE_MAX_LEN,
+                           prefill_lens=DEFAULT_PREFILL_LENS, progress=True):
+    """Export several quantizations of one model, tracing it once.
+
+    `outputs` maps a quantization mode to its output path, e.g.
+    `{"dynamic_int8": "g8.tflite", "int4_block32": "g4.tflite"}`. Returns `{mode: Path}`.
+    The ai-edge-quantizer modes share one float32 conversion.
+    """
+    if not outputs:
+        raise ValueError("outputs is empty: give at least one {quantize: path}")
+    for quantize in outputs:
+        quantize_lib.check_quantization(quantize)
     _require_tensorflow_backend()
     import tensorflow as tf
 
     model = _load_model(model)
     kv_cache_max_len, prefill_lens = _check_lengths(model.config, kv_cache_max_len, prefill_lens)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for quantize in outputs:
+        quantize_lib.check_block_sizes(model.config, quantize)
+    outputs = {q: Path(p) for q, p in outputs.items()}
+    work_parent = next(iter(outputs.values())).parent
+    for path in outputs.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
 
-    steps = _progress(progress, total=4 if quantize in quantize_lib.AI_EDGE_RECIPES else 3)
-    with tempfile.TemporaryDirectory(prefix="gemma_tflite_", dir=out.parent) as work:
+    conversions = {"fp16" if q == "fp16" else "dynamic_int8" if q == "dynamic_int8" else "none"
+                   for q in outputs}
+    steps = _progress(progress, total=2 + len(conversions) + len(outputs))
+    with tempfile.TemporaryDirectory(prefix=".gemma_tflite_", dir=work_parent) as work:
         signatures = _GemmaSignatures(model, kv_cache_max_len)
         functions = signatures.concrete_functions(prefill_lens)
         steps.update("traced signatures")
         saved_model_dir = Path(work) / "saved_model"
         tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
         steps.update("wrote SavedModel")
-        converter_mode = quantize if quantize in ("fp16", "dynamic_int8") else "none"
-        flatbuffer = _convert(saved_model_dir, list(functions), converter_mode)
-        steps.update("converted")
-        if quantize in quantize_lib.AI_EDGE_RECIPES:
-            flatbuffer = quantize_lib.quantize_flatbuffer(flatbuffer, quantize)
-            steps.update(f"quantized ({quantize})")
-        tmp = out.with_name(f".{out.name}.partial")
-        tmp.write_bytes(flatbuffer)
-        os.replace(tmp, out)
+        converted = {}
+        for mode in sorted(conversions):
+            converted[mode] = _convert(saved_model_dir, list(functions), mode)
+            steps.update(f"converted ({mode})")
+        for quantize, out in outputs.items():
+            if quantize in quantize_lib.AI_EDGE_RECIPES:
+                flatbuffer = quantize_lib.quantize_flatbuffer(
+                    quantize_lib.gathers_to_embedding_lookups(converted["none"]), quantize)
+            else:
+                flatbuffer = converted[quantize]
+            _write_atomically(out, flatbuffer)
+            steps.update(f"wrote {out.name}")
     steps.close()
-    return out
+    return outputs
+
+
+def _write_atomically(path, data):
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 class _progress:

@@ -47,3 +47,64 @@ def quantize_flatbuffer(flatbuffer: bytes, quantize: str) -> bytes:
     q.load_quantization_recipe(ai_edge_recipe(quantize))
     result = q.quantize(enable_progress_report=False)
     return bytes(result.quantized_model)
+
+
+def gathers_to_embedding_lookups(flatbuffer: bytes) -> bytes:
+    """Rewrite every GATHER of a constant 2-D table by 1-D ids into EMBEDDING_LOOKUP.
+
+    Both return `table[ids]`; ai-edge-quantizer quantizes the table of an EMBEDDING_LOOKUP
+    (with the same blocks as a FULLY_CONNECTED weight, so the tied embedding stays one
+    tensor) but leaves a GATHER's table in float32, next to a quantized copy for the head.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    codes = [flatbuffer_utils.get_builtin_code_from_operator_code(c)
+             for c in model.operatorCodes]
+    gathers = {i for i, c in enumerate(codes) if c == schema.BuiltinOperator.GATHER}
+    if not gathers:
+        return flatbuffer
+    if schema.BuiltinOperator.EMBEDDING_LOOKUP in codes:
+        lookup = codes.index(schema.BuiltinOperator.EMBEDDING_LOOKUP)
+    else:
+        code = schema.OperatorCodeT()
+        code.builtinCode = schema.BuiltinOperator.EMBEDDING_LOOKUP
+        code.deprecatedBuiltinCode = schema.BuiltinOperator.EMBEDDING_LOOKUP
+        code.version = 1
+        model.operatorCodes.append(code)
+        lookup = len(model.operatorCodes) - 1
+
+    def is_constant(tensor):
+        buffer = model.buffers[tensor.buffer]
+        return buffer.data is not None and len(buffer.data) or bool(buffer.offset)
+
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            if op.opcodeIndex not in gathers:
+                continue
+            table, ids = (subgraph.tensors[i] for i in op.inputs)
+            options = op.builtinOptions
+            if (len(table.shape) == 2 and len(ids.shape) == 1 and is_constant(table)
+                    and options.axis == 0 and options.batchDims == 0):
+                op.opcodeIndex = lookup
+                op.inputs = [op.inputs[1], op.inputs[0]]
+                op.builtinOptionsType = schema.BuiltinOptions.NONE
+                op.builtinOptions = None
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def check_block_sizes(config, quantize):
+    """Raise ValueError if a weight's input dimension is not a multiple of the mode's block."""
+    granularity = AI_EDGE_RECIPES.get(quantize, (None, ""))[1]
+    if not granularity.startswith("BLOCKWISE_"):
+        return
+    block = int(granularity.split("_")[1])
+    inputs = {"hidden_size": config.hidden_size,
+              "intermediate_size": config.intermediate_size,
+              "num_attention_heads * head_dim": config.num_attention_heads * config.head_dim}
+    bad = {name: n for name, n in inputs.items() if n % block}
+    if bad:
+        detail = ", ".join(f"{name} = {n}" for name, n in bad.items())
+        raise ValueError(f"quantize={quantize!r} splits each weight row into blocks of {block}, "
+                         f"but {detail} is not a multiple of {block}")
