@@ -1,0 +1,680 @@
+"""Full-size TFLite: export the random Gemma 2 2B at int8 / int4, and how fast it decodes.
+
+Every stage runs in its own subprocess (so each peak RSS is its own) with a timeout, and
+appends one JSON line to `<out-dir>/results.jsonl`; `report` prints the Markdown tables.
+
+    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/tflite_2b.py all --out-dir DIR
+    .venv/bin/python benchmarks/tflite_2b.py report --out-dir DIR
+
+Stages (each also callable alone; `--layers N` builds the 2B's width with N of its 26 layers,
+`--small` a tiny config, for dry runs):
+
+  export        build the random 2B (float32 Keras, zero-init then filled with NumPy) and run
+                `gemma_keras.tflite.export_tflite` (--quantize); export seconds, peak RSS, size.
+  litert        ai_edge_litert at --threads (XNNPACK, the default CPU delegate): prefill and
+                decode tokens/s through the classic Interpreter's signature runners (caches
+                copied in and out every step) and through CompiledModel with two cache buffer
+                sets swapped between steps (no copies); RSS after load and after decoding.
+  engine        bundle with `write_litertlm` and run LiteRT-LM's `litert_lm.Benchmark` on it.
+  transformers  transformers' Gemma2ForCausalLM, float32, random 2B: prefill and decode tok/s.
+  bandwidth     the memory bound in this run: float32 matrix-vector products (NumPy/OpenBLAS,
+                --threads) over 2 GiB; GB/s, and tokens/s = GB/s / bytes per token.
+  quant-error   logit error of dynamic int8 per-tensor (TF converter) vs per-channel
+                (ai-edge-quantizer weight-only int8) vs int4 blockwise, against the Keras
+                float32 logits, on the tiny config and on the 2B's width with --layers layers.
+
+Memory: the 2B export holds the float32 Keras model (10.5 GB) while TensorFlow's converter
+imports its SavedModel; check `free -g` first (the `all` stage refuses to start a 2B export
+with less than --min-free-gib available).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GIB = 2**30
+FLT_HIDDEN = -0.7 * 3.4028234663852886e38  # what LiteRT-LM writes into `mask`
+
+SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+             query_pre_attn_scalar=64, sliding_window=32, max_position_embeddings=2048)
+
+
+# ------------------------------------------------------------------ helpers
+def proc_status():
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in GiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024 / GIB
+    return out
+
+
+class RssSampler:
+    """Samples VmRSS every `period` s in a thread; `mark(label)` tags the phase, so the
+    report says in which phase the peak happened."""
+
+    def __init__(self, period=0.5):
+        self.period, self.label, self.peak, self.peak_label = period, "start", 0.0, "start"
+        self.phase_peaks = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def sample(self):
+        rss = proc_status()["VmRSS"]
+        self.phase_peaks[self.label] = max(self.phase_peaks.get(self.label, 0.0), rss)
+        if rss > self.peak:
+            self.peak, self.peak_label = rss, self.label
+
+    def mark(self, label):
+        self.sample()
+        self.label = label
+
+    def stop(self):
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v, 2) for k, v in self.phase_peaks.items()}
+
+
+def record(args, stage, **fields):
+    fields = {"stage": stage, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **fields}
+    line = json.dumps(fields)
+    print(line, flush=True)
+    with open(Path(args.out_dir) / "results.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def model_config(args):
+    from gemma_keras.config import Gemma2Config
+
+    if args.small:
+        return Gemma2Config(**SMALL)
+    cfg = Gemma2Config.preset("gemma2_2b")
+    if args.layers:
+        cfg = Gemma2Config(**{**cfg.to_dict(), "num_hidden_layers": args.layers,
+                              "layer_types": None})
+    return cfg
+
+
+def config_name(args):
+    if args.small:
+        return "small"
+    return "gemma2_2b" if not args.layers else f"2b_width_{args.layers}_layers"
+
+
+def random_causal_lm(config, seed=0):
+    """A float32 Gemma2CausalLM of `config` with random weights, filled chunk by chunk with
+    NumPy (much faster than Keras' initializers and with no full-size temporaries)."""
+    import numpy as np
+
+    from gemma_keras.converters.streaming import assign_rows, empty_causal_lm
+
+    model = empty_causal_lm(config, dtype="float32")
+    rng = np.random.default_rng(seed)
+    for variable in model.variables:
+        shape = tuple(variable.shape)
+        is_norm = len(shape) == 1
+        scale = 0.1 if is_norm else 0.02
+        rows = max(1, (64 << 20) // (4 * int(np.prod(shape[1:], dtype=np.int64) or 1)))
+        for start in range(0, shape[0], rows):
+            n = min(rows, shape[0] - start)
+            block = rng.standard_normal((n, *shape[1:]), dtype=np.float32)
+            block *= np.float32(scale)
+            assign_rows(variable, start, block)
+    return model
+
+
+def padded_tokenizer(vocab_size, out_path):
+    """A SentencePiece model with exactly `vocab_size` pieces, for a random model's bundle:
+    the tiny test tokenizer (Gemma's special ids) padded with pieces no text produces."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from gemma_keras.tokenizer import train_sentencepiece
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_corpus
+
+    base = train_sentencepiece(tiny_corpus(), str(out_path) + ".base", vocab_size=160)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(base).read_bytes())
+    for i in range(vocab_size - len(proto.pieces)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = f"<pad_piece_{i}>", -1e9
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    proto.trainer_spec.vocab_size = vocab_size
+    Path(out_path).write_bytes(proto.SerializeToString())
+    return str(out_path)
+
+
+def causal_mask(positions, cache_len):
+    import numpy as np
+
+    mask = np.full((1, 1, len(positions), cache_len), FLT_HIDDEN, np.float32)
+    for row, pos in enumerate(positions):
+        mask[0, 0, row, : pos + 1] = 0.0
+    return mask
+
+
+# ------------------------------------------------------------------ stages
+def stage_export(args):
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from gemma_keras.tflite import export_tflite
+    from gemma_keras.tflite.export import weight_bytes
+    from gemma_keras.tflite.quantize import WEIGHT_BITS
+
+    sampler = RssSampler()
+    config = model_config(args)
+    sampler.mark("build")
+    t0 = time.perf_counter()
+    model = random_causal_lm(config)
+    build_s = time.perf_counter() - t0
+    sampler.mark("export")
+    out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
+    t0 = time.perf_counter()
+    export_tflite(model, out, quantize=args.quantize, kv_cache_max_len=args.cache_len,
+                  prefill_lens=[int(t) for t in args.prefill_lens.split(",")], progress=False)
+    export_s = time.perf_counter() - t0
+    phases = sampler.stop()
+    size = out.stat().st_size
+    expected = weight_bytes(config, WEIGHT_BITS[args.quantize])
+    record(args, "export", config=config_name(args), quantize=args.quantize,
+           cache_len=args.cache_len, prefill_lens=args.prefill_lens, path=str(out),
+           build_s=round(build_s, 1), export_s=round(export_s, 1), file_bytes=size,
+           weight_bytes=expected, size_ratio=round(size / expected, 4),
+           peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases,
+           params=config.num_parameters())
+
+
+def _runner_inputs(names, cache):
+    return {n: cache[n] for n in names}
+
+
+def stage_litert(args):
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_keras.tflite.litertlm import inspect_tflite
+
+    info = inspect_tflite(args.tflite)
+    size = os.path.getsize(args.tflite)
+    prefill_t = args.prefill if args.prefill in info.prefill_lens else max(info.prefill_lens)
+    steps = args.decode_steps
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, info.vocab_size, prefill_t).astype(np.int32)
+    results = dict(tflite=args.tflite, file_bytes=size, threads=args.threads,
+                   cache_len=info.cache_len, prefill_tokens=prefill_t, decode_steps=steps)
+
+    # -- classic Interpreter + signature runners: caches go in and come out as copies.
+    t0 = time.perf_counter()
+    interp = Interpreter(model_path=args.tflite, num_threads=args.threads)
+    prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
+    decode = interp.get_signature_runner("decode")
+    details = decode.get_input_details()
+    cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
+    cache = {n: np.zeros(details[n]["shape"], np.float32) for n in cache_names}
+    cache_bytes = sum(a.nbytes for a in cache.values())
+    results["load_s"] = round(time.perf_counter() - t0, 2)
+    results["rss_after_load_gib"] = {k: round(v, 2) for k, v in proc_status().items()}
+
+    t0 = time.perf_counter()
+    out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
+                  mask=causal_mask(range(prefill_t), info.cache_len), **cache)
+    first_prefill_s = time.perf_counter() - t0  # includes XNNPACK's lazy weight packing
+    cache = {n: out[n] for n in cache_names}
+    t0 = time.perf_counter()
+    out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
+                  mask=causal_mask(range(prefill_t), info.cache_len), **cache)
+    prefill_s = time.perf_counter() - t0
+    cache = {n: out[n] for n in cache_names}
+    token = int(prompt[-1])
+    times, tokens = [], []
+    for i in range(steps + 1):  # the first step packs decode's weights: not timed
+        pos = prefill_t + i
+        t0 = time.perf_counter()
+        out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32),
+                     mask=causal_mask([pos], info.cache_len), **cache)
+        times.append(time.perf_counter() - t0)
+        cache = {n: out[n] for n in cache_names}
+        token = int(np.argmax(out["logits"][0, -1]))
+        tokens.append(token)
+    decode_s = float(np.median(times[1:]))
+    results.update(
+        first_prefill_s=round(first_prefill_s, 2),
+        interpreter_prefill_tok_s=round(prefill_t / prefill_s, 2),
+        interpreter_first_decode_s=round(times[0], 2),
+        interpreter_decode_tok_s=round(1 / decode_s, 3),
+        interpreter_file_gb_s=round(size / decode_s / 1e9, 2),
+        rss_after_interpreter_gib={k: round(v, 2) for k, v in proc_status().items()},
+        interpreter_tokens=tokens,
+    )
+    # What the runner's copies cost: one copy of every cache in and one out per step.
+    dst = {n: np.empty_like(a) for n, a in cache.items()}
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for n, a in cache.items():
+            np.copyto(dst[n], a)
+    copy_s = (time.perf_counter() - t0) / 3 * 2
+    results.update(cache_bytes=cache_bytes, cache_copy_in_out_s=round(copy_s, 4),
+                   cache_copy_share_of_decode=round(copy_s / decode_s, 3))
+    del interp, prefill, decode, out, cache, dst
+
+    # -- CompiledModel: caches in TensorBuffers, input and output sets swapped each step.
+    if not args.skip_compiled:
+        try:
+            results.update(_compiled_model_decode(args, info, prompt, prefill_t, steps, size))
+            results["compiled_matches_interpreter"] = (
+                results["compiled_tokens"] == results["interpreter_tokens"])
+        except Exception as e:  # recorded, not fatal: the interpreter numbers stand
+            results["compiled_error"] = f"{type(e).__name__}: {e}"
+    record(args, "litert", **results)
+
+
+def _compiled_model_decode(args, info, prompt, prefill_t, steps, size):
+    import numpy as np
+    from ai_edge_litert.compiled_model import CompiledModel
+    from ai_edge_litert.cpu_options import CpuOptions
+    from ai_edge_litert.options import Options
+
+    cpu = CpuOptions(num_threads=args.threads)
+    if args.weight_cache:
+        cache_dir = Path(args.out_dir) / "xnnpack_cache"
+        cache_dir.mkdir(exist_ok=True)
+        cpu.xnnpack_weight_cache_path = str(cache_dir)
+    t0 = time.perf_counter()
+    model = CompiledModel.from_file(args.tflite, options=Options(cpu_options=cpu))
+    load_s = time.perf_counter() - t0
+    details = model.get_input_tensor_details("decode")
+    cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
+    shape = details[cache_names[0]]["shape"]
+    # Buffers the model allocates (host-memory buffers made from NumPy arrays are refused
+    # by CompiledModel.run in ai-edge-litert 2.3.0); the output set of one step is the input
+    # set of the next.
+    sets = [{n: model.create_input_buffer_by_name("decode", n) for n in cache_names},
+            {n: model.create_output_buffer_by_name("decode", n) for n in cache_names}]
+    zeros = np.zeros(shape, np.float32)
+    for n in cache_names:
+        sets[0][n].write(zeros)
+
+    def small(sig, name, array):
+        buf = model.create_input_buffer_by_name(sig, name)
+        buf.write(array)
+        return buf
+
+    logits = model.create_output_buffer_by_name("decode", "logits")
+    sig = f"prefill_{prefill_t}"
+    inputs = {"tokens": small(sig, "tokens", prompt[None]),
+              "input_pos": small(sig, "input_pos", np.arange(prefill_t, dtype=np.int32)),
+              "mask": small(sig, "mask", causal_mask(range(prefill_t), info.cache_len))}
+    t0 = time.perf_counter()
+    model.run_by_name(sig, {**inputs, **sets[0]}, dict(sets[1]))
+    first_prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.run_by_name(sig, {**inputs, **sets[1]}, dict(sets[0]))
+    prefill_s = time.perf_counter() - t0
+    cur = 0
+    tok = small("decode", "tokens", np.array([[int(prompt[-1])]], np.int32))
+    pos = small("decode", "input_pos", np.array([prefill_t], np.int32))
+    mask = small("decode", "mask", causal_mask([prefill_t], info.cache_len))
+    times, tokens = [], []
+    for i in range(steps + 1):
+        p = prefill_t + i
+        t0 = time.perf_counter()
+        pos.write(np.array([p], np.int32))
+        mask.write(causal_mask([p], info.cache_len))
+        model.run_by_name("decode", {"tokens": tok, "input_pos": pos, "mask": mask,
+                                     **sets[cur]}, {**sets[1 - cur], "logits": logits})
+        row = logits.read(info.vocab_size, np.float32)
+        tokens.append(int(np.argmax(row)))
+        tok.write(np.array([[tokens[-1]]], np.int32))
+        times.append(time.perf_counter() - t0)
+        cur = 1 - cur
+    decode_s = float(np.median(times[1:]))
+    return dict(
+        compiled_tokens=tokens,
+        compiled_weight_cache=bool(args.weight_cache),
+        compiled_load_s=round(load_s, 2),
+        compiled_first_prefill_s=round(first_prefill_s, 2),
+        compiled_prefill_tok_s=round(prefill_t / prefill_s, 2),
+        compiled_decode_tok_s=round(1 / decode_s, 3),
+        compiled_file_gb_s=round(size / decode_s / 1e9, 2),
+        rss_after_compiled_gib={k: round(v, 2) for k, v in proc_status().items()},
+    )
+
+
+def stage_engine(args):
+    import litert_lm
+
+    from gemma_keras.tflite.litertlm import inspect_tflite, write_litertlm
+
+    info = inspect_tflite(args.tflite)
+    tok = padded_tokenizer(info.vocab_size, Path(args.out_dir) / f"tokenizer_{info.vocab_size}.model")
+    out = Path(args.tflite).with_suffix(".litertlm")
+    t0 = time.perf_counter()
+    write_litertlm(args.tflite, tok, out, max_num_tokens=info.cache_len)
+    bundle_s = time.perf_counter() - t0
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    prefill = min(args.prefill, info.cache_len - args.decode_steps - 1)
+    bench = litert_lm.Benchmark(
+        model_path=str(out), backend=litert_lm.Backend.CPU(thread_count=args.threads),
+        prefill_tokens=prefill, decode_tokens=args.decode_steps,
+        max_num_tokens=info.cache_len, cache_dir=str(Path(args.out_dir) / "litertlm_cache"))
+    (Path(args.out_dir) / "litertlm_cache").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    result = bench.run()
+    run_s = time.perf_counter() - t0
+    record(args, "engine", litertlm=str(out), litertlm_bytes=out.stat().st_size,
+           bundle_s=round(bundle_s, 2), threads=args.threads, run_s=round(run_s, 1),
+           init_s=round(result.init_time_in_second, 2),
+           ttft_s=round(result.time_to_first_token_in_second, 2),
+           prefill_tokens=result.last_prefill_token_count,
+           prefill_tok_s=round(result.last_prefill_tokens_per_second, 2),
+           decode_tokens=result.last_decode_token_count,
+           decode_tok_s=round(result.last_decode_tokens_per_second, 3),
+           file_gb_s=round(info.cache_len and os.path.getsize(args.tflite)
+                           * result.last_decode_tokens_per_second / 1e9, 2),
+           peak_rss_gib=round(proc_status()["VmHWM"], 2))
+
+
+def stage_transformers(args):
+    import numpy as np
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.set_num_threads(args.threads)
+    cfg = model_config(args).to_hf_dict()
+    cfg.pop("architectures", None)
+    cfg.pop("model_type", None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model = Gemma2ForCausalLM(Gemma2Config(**cfg, attn_implementation="eager")).eval()
+    build_s = time.perf_counter() - t0
+    prompt = torch.tensor(np.random.default_rng(0).integers(3, cfg["vocab_size"],
+                                                            (1, args.prefill)))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        prefill_s = time.perf_counter() - t0
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(args.decode_steps):
+            t0 = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    decode_s = float(np.median(times))
+    record(args, "transformers", config=config_name(args), dtype="float32",
+           threads=args.threads, build_s=round(build_s, 1), prefill_tokens=args.prefill,
+           prefill_tok_s=round(args.prefill / prefill_s, 2), decode_steps=args.decode_steps,
+           decode_tok_s=round(1 / decode_s, 3),
+           weight_gb_s=round(4 * model_config(args).num_parameters() / decode_s / 1e9, 2),
+           peak_rss_gib=round(proc_status()["VmHWM"], 2))
+
+
+def stage_bandwidth(args):
+    import numpy as np
+
+    rows, cols = 8192, 65536  # 2 GiB of float32: far beyond any cache
+    a = np.empty((rows, cols), np.float32)
+    for r in range(0, rows, 512):
+        a[r:r + 512] = 0.001
+    x = np.ones(cols, np.float32)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a @ x
+        times.append(time.perf_counter() - t0)
+    best = min(times[1:])
+    gb_s = a.nbytes / best / 1e9
+    bound = {}
+    for line in _read_results(args):
+        if line["stage"] == "export":
+            bound[Path(line["path"]).name] = dict(
+                file_bytes=line["file_bytes"],
+                bound_tok_s=round(gb_s * 1e9 / line["file_bytes"], 3))
+    record(args, "bandwidth", threads=os.environ.get("OPENBLAS_NUM_THREADS"),
+           bytes=a.nbytes, gb_s=round(gb_s, 2), median_gb_s=round(
+               a.nbytes / float(np.median(times[1:])) / 1e9, 2), bound=bound)
+
+
+def stage_quant_error(args):
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_keras.tflite import export_tflite
+
+    sampler = RssSampler()
+    config = model_config(args)
+    model = random_causal_lm(config, seed=1)
+    name = config_name(args)
+    prefill_t, steps, cache_len = 8, 8, 32
+    rng = np.random.default_rng(1)
+    seq = rng.integers(3, config.vocab_size, prefill_t + steps).astype(np.int32)
+    ref = np.asarray(model({"token_ids": seq[None], "padding_mask": np.ones((1, len(seq)))}))
+    ref = ref[0, prefill_t:]  # the logits decode produces at positions prefill_t, ...
+    rows = []
+    for quantize in args.modes.split(","):
+        out = Path(args.out_dir) / f"qerr_{name}_{quantize}.tflite"
+        sampler.mark(f"export {quantize}")
+        t0 = time.perf_counter()
+        export_tflite(model, out, quantize=quantize, kv_cache_max_len=cache_len,
+                      prefill_lens=(prefill_t,), progress=False)
+        export_s = time.perf_counter() - t0
+        sampler.mark(f"run {quantize}")
+        interp = Interpreter(model_path=str(out), num_threads=args.threads)
+        prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
+        decode = interp.get_signature_runner("decode")
+        names = [n for n in decode.get_input_details() if n.startswith("kv_cache_")]
+        cache = {n: np.zeros(decode.get_input_details()[n]["shape"], np.float32)
+                 for n in names}
+        o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
+                    mask=causal_mask(range(prefill_t), cache_len), **cache)
+        cache = {n: o[n] for n in names}
+        got = []
+        for i in range(steps):  # teacher-forced: feed the reference sequence
+            pos = prefill_t + i
+            o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
+                       mask=causal_mask([pos], cache_len), **cache)
+            cache = {n: o[n] for n in names}
+            got.append(o["logits"][0, -1])
+        got = np.stack(got)
+        err = got - ref
+        rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size,
+                         export_s=round(export_s, 1),
+                         max_abs=float(np.abs(err).max()), mean_abs=float(np.abs(err).mean()),
+                         rel_rms=float(np.sqrt((err**2).mean() / (ref**2).mean())),
+                         top1_agree=float((got.argmax(-1) == ref.argmax(-1)).mean()),
+                         finite=bool(np.isfinite(got).all())))
+        print(rows[-1], flush=True)
+        del interp, prefill, decode, o, cache
+        out.unlink()
+    phases = sampler.stop()
+    record(args, "quant_error", config=name, logit_rms=float(np.sqrt((ref**2).mean())),
+           rows=rows, peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
+
+
+# ------------------------------------------------------------------ driver
+def _read_results(args):
+    path = Path(args.out_dir) / "results.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_gib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    return 0.0
+
+
+def run_stage(argv, timeout):
+    """Run one stage in a child process; returns True on success."""
+    cmd = [sys.executable, __file__, *argv]
+    print(f"$ {' '.join(cmd)}  (timeout {timeout} s, {free_gib():.1f} GiB available)",
+          flush=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"!! timed out after {timeout} s: {argv[0]}", flush=True)
+        return False
+    if proc.returncode:
+        print(f"!! {argv[0]} failed with exit code {proc.returncode}", flush=True)
+    return proc.returncode == 0
+
+
+def stage_all(args):
+    common = ["--out-dir", args.out_dir, "--threads", str(args.threads)]
+    if args.small:
+        common.append("--small")
+    if args.layers:
+        common += ["--layers", str(args.layers)]
+    name = config_name(args)
+    need = 0 if (args.small or args.layers) else args.min_free_gib
+    run_stage(["bandwidth", *common], 300)
+    for quantize in args.modes.split(","):
+        if free_gib() < need:
+            print(f"!! skipping the {quantize} export: {free_gib():.1f} GiB available, "
+                  f"{need} needed", flush=True)
+            continue
+        ok = run_stage(["export", *common, "--quantize", quantize, "--cache-len",
+                        str(args.cache_len), "--prefill-lens", args.prefill_lens],
+                       args.export_timeout)
+        tflite = str(Path(args.out_dir) / f"{name}_{quantize}.tflite")
+        if not ok or not Path(tflite).exists():
+            continue
+        run_stage(["litert", *common, "--tflite", tflite, "--prefill", str(args.prefill),
+                   "--decode-steps", str(args.decode_steps)], 1800)
+        run_stage(["engine", *common, "--tflite", tflite, "--prefill", str(args.prefill),
+                   "--decode-steps", str(args.decode_steps)], 1800)
+    run_stage(["bandwidth", *common], 300)
+    if not args.skip_transformers:
+        run_stage(["transformers", *common, "--prefill", "64", "--decode-steps", "8"], 1200)
+    stage_report(args)
+
+
+def stage_report(args):
+    lines = _read_results(args)
+    exports = [r for r in lines if r["stage"] == "export"]
+    bws = [r for r in lines if r["stage"] == "bandwidth"]
+    gb_s = max((r["gb_s"] for r in bws), default=None)
+    print(f"\nMeasured memory bandwidth (float32 GEMV, {args.threads} threads): "
+          f"{', '.join(str(r['gb_s']) for r in bws)} GB/s (best {gb_s})\n")
+    print("| file | quantize | cache | file bytes | weights at precision | ratio | build s "
+          "| export s | peak RSS GiB | peak in phase |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in exports:
+        phases = r.get("phase_peak_rss_gib", {})
+        print(f"| {Path(r['path']).name} | {r['quantize']} | {r['cache_len']} | "
+              f"{r['file_bytes']:,} | {r['weight_bytes']:,} | {r['size_ratio']} | "
+              f"{r['build_s']} | {r['export_s']} | {r['peak_rss_gib']} | "
+              f"{', '.join(f'{k} {v}' for k, v in phases.items())} |")
+    print("\n| runtime | file | cache | threads | prefill tok/s | decode tok/s | file GB/s "
+          "| bound tok/s | % of bound | RSS GiB (anon + file) | RSS / file |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in lines:
+        if r["stage"] == "litert":
+            size = r["file_bytes"]
+            bound = gb_s * 1e9 / size if gb_s else None
+            for kind, rss_key in (("interpreter", "rss_after_interpreter_gib"),
+                                  ("compiled", "rss_after_compiled_gib")):
+                if f"{kind}_decode_tok_s" not in r:
+                    continue
+                rss = r[rss_key]
+                dec = r[f"{kind}_decode_tok_s"]
+                label = ("ai_edge_litert Interpreter (runner copies caches)" if kind ==
+                         "interpreter" else "ai_edge_litert CompiledModel (swapped caches)")
+                print(f"| {label} | {Path(r['tflite']).name} | {r['cache_len']} | "
+                      f"{r['threads']} | {r[f'{kind}_prefill_tok_s']} | {dec} | "
+                      f"{r[f'{kind}_file_gb_s']} | {bound and round(bound, 2)} | "
+                      f"{bound and round(100 * dec / bound)} | {rss['RssAnon']:.2f} + "
+                      f"{rss['RssFile']:.2f} | {rss['VmRSS'] * GIB / size:.2f} |")
+        elif r["stage"] == "engine":
+            size = os.path.getsize(r["litertlm"]) if os.path.exists(r["litertlm"]) else \
+                r["litertlm_bytes"]
+            bound = gb_s * 1e9 / size if gb_s else None
+            print(f"| LiteRT-LM engine (litert_lm.Benchmark) | {Path(r['litertlm']).name} | "
+                  f"- | {r['threads']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
+                  f"{r['file_gb_s']} | {bound and round(bound, 2)} | "
+                  f"{bound and round(100 * r['decode_tok_s'] / bound)} | peak "
+                  f"{r['peak_rss_gib']} | {r['peak_rss_gib'] * GIB / size:.2f} (peak) |")
+        elif r["stage"] == "transformers":
+            size = 4 * 2_614_341_888 if r["config"] == "gemma2_2b" else None
+            bound = gb_s * 1e9 / size if (gb_s and size) else None
+            print(f"| transformers float32 (torch) | {r['config']} | dynamic | {r['threads']} | "
+                  f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['weight_gb_s']} | "
+                  f"{bound and round(bound, 2)} | {bound and round(100 * r['decode_tok_s'] / bound)}"
+                  f" | peak {r['peak_rss_gib']} | - |")
+    for r in lines:
+        if r["stage"] == "litert" and "cache_copy_in_out_s" in r:
+            print(f"\nCache copy in+out per decode step ({Path(r['tflite']).name}, "
+                  f"{r['cache_bytes'] / 2**20:.0f} MiB of caches): "
+                  f"{r['cache_copy_in_out_s'] * 1e3:.1f} ms = "
+                  f"{100 * r['cache_copy_share_of_decode']:.1f}% of an interpreter decode step")
+    qerrs = [r for r in lines if r["stage"] == "quant_error"]
+    if qerrs:
+        print("\n| model | quantize | file bytes | max abs logit err | mean abs | rel RMS "
+              "| top-1 agree |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in qerrs:
+            for row in r["rows"]:
+                print(f"| {r['config']} | {row['quantize']} | {row['file_bytes']:,} | "
+                      f"{row['max_abs']:.4f} | {row['mean_abs']:.4f} | {row['rel_rms']:.4f} | "
+                      f"{row['top1_agree']:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["all", "export", "litert", "engine", "transformers",
+                                          "bandwidth", "quant-error", "report"])
+    parser.add_argument("--out-dir", default="/tmp/gemma_tflite_2b")
+    parser.add_argument("--small", action="store_true", help="a tiny config, for dry runs")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="the 2B's width with this many layers (0: all 26)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", default="dynamic_int8")
+    parser.add_argument("--modes", default="dynamic_int8,int4_block32",
+                        help="quantizations exported by `all` / compared by `quant-error`")
+    parser.add_argument("--cache-len", type=int, default=1280)
+    parser.add_argument("--prefill-lens", default="8,64,256")
+    parser.add_argument("--prefill", type=int, default=256)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--tflite")
+    parser.add_argument("--weight-cache", action="store_true",
+                        help="CompiledModel with an XNNPACK weight cache file")
+    parser.add_argument("--skip-compiled", action="store_true")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--min-free-gib", type=float, default=18.0)
+    parser.add_argument("--export-timeout", type=int, default=2400)
+    args = parser.parse_args()
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    if args.stage in ("bandwidth", "all"):
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    {"all": stage_all, "export": stage_export, "litert": stage_litert, "engine": stage_engine,
+     "transformers": stage_transformers, "bandwidth": stage_bandwidth,
+     "quant-error": stage_quant_error, "report": stage_report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
