@@ -27,8 +27,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite.signatures import (
     DECODE,
@@ -53,18 +51,13 @@ def _require_tensorflow_backend():
 
 
 def _load_model(model):
-    """A `Gemma2CausalLM`, or a model directory (config.json + safetensors) to load one from."""
+    """A `Gemma2CausalLM`, or a model directory (gemma-keras or Hugging Face) to load."""
     from gemma_keras.causal_lm import Gemma2CausalLM
 
     if isinstance(model, Gemma2CausalLM):
         return model
     if isinstance(model, (str, os.PathLike)):
-        directory = Path(model)
-        if not (directory / "config.json").exists():
-            raise FileNotFoundError(f"{directory}: not a model directory (no config.json)")
-        from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
-
-        return load_hf_checkpoint(directory, dtype="float32")
+        return Gemma2CausalLM.from_pretrained(model, dtype="float32")
     raise TypeError(f"expected a Gemma2CausalLM or a model directory, got {type(model).__name__}")
 
 
@@ -317,8 +310,3 @@ class _progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def weight_bytes(config, bits):
-    """Bytes of the model's weights at `bits` per value, the tied embedding counted once."""
-    return int(np.ceil(config.num_parameters() * bits / 8))

@@ -10,9 +10,20 @@ from __future__ import annotations
 QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "weight_only_int8", "int4_block32",
                  "int4_block128")
 
-# Bits per weight value of each mode (scales and zero points not counted).
-WEIGHT_BITS = {"none": 32, "fp16": 16, "dynamic_int8": 8, "weight_only_int8": 8,
-               "int4_block32": 4, "int4_block128": 4}
+# Stored bytes per weight-matrix value of each mode, scales included (int4 blocks carry one
+# float16 scale each). Norm scales (vectors) stay float32, except in "fp16".
+BYTES_PER_WEIGHT = {"none": 4, "fp16": 2, "dynamic_int8": 1, "weight_only_int8": 1,
+                    "int4_block32": 0.5 + 2 / 32, "int4_block128": 0.5 + 2 / 128}
+
+
+def weight_bytes(config, quantize):
+    """Bytes the model's weights take at `quantize`, the tied embedding counted once."""
+    check_quantization(quantize)
+    vectors = (4 * config.num_hidden_layers + 1) * config.hidden_size  # the RMSNorm scales
+    matrices = config.num_parameters() - vectors
+    vector_bytes = 2 if quantize == "fp16" else 4
+    return int(matrices * BYTES_PER_WEIGHT[quantize] + vectors * vector_bytes)
+
 
 # ai-edge-quantizer settings: (num_bits, granularity name, weight-only?)
 AI_EDGE_RECIPES = {

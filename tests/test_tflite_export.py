@@ -1,0 +1,180 @@
+"""TFLite export: conventions, builtin ops only, one embedding copy, sizes, exactness.
+
+A random Gemma 2 (GQA, sliding window 5 shorter than the prompts, soft-caps on,
+query_pre_attn_scalar != head_dim, every weight and norm randomised) is exported once in
+all six quantizations (one trace). Its vocabulary is large enough that the weights, not the
+graph, dominate the file, so the size check means something. Reference: the Keras model's
+full forward pass and its `generate`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY_HF_CONFIG
+
+VOCAB = 16384
+CONFIG = {**TINY_HF_CONFIG, "model_type": "gemma2", "vocab_size": VOCAB, "hidden_size": 128,
+          "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24}
+CACHE_LEN = 48
+PREFILL_LENS = (4, 8)
+QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "weight_only_int8", "int4_block32",
+                 "int4_block128")
+# Max |logit error| against Keras float32, measured on this model (logits are soft-capped to
+# +-2) and rounded up about 2x: fp32 3e-6, fp16 2e-3, dynamic int8 0.05, weight-only int8 0.03,
+# int4 block32 0.35, int4 block128 0.45.
+LOGIT_BOUNDS = {"none": 1e-4, "fp16": 5e-3, "dynamic_int8": 0.1, "weight_only_int8": 0.06,
+                "int4_block32": 0.7, "int4_block128": 0.9}
+
+
+def random_keras_lm(config, seed=0):
+    """A float32 Gemma2CausalLM with every weight random (norms too, so `1 +` matters)."""
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.config import Gemma2Config
+
+    lm = Gemma2CausalLM(Gemma2Config.from_hf_dict(config), dtype="float32")
+    rng = np.random.default_rng(seed)
+    for v in lm.variables:
+        scale = 0.5 if "norm" in v.path else 0.1
+        v.assign(rng.normal(0, scale, v.shape).astype("float32"))
+    return lm
+
+
+@pytest.fixture(scope="module")
+def keras_lm():
+    return random_keras_lm(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def exported(keras_lm, tmp_path_factory):
+    """{quantize: path} of the six exports."""
+    from gemma_keras.tflite.export import export_tflite_variants
+
+    out = tmp_path_factory.mktemp("tflite_export")
+    return export_tflite_variants(keras_lm, {q: out / f"model_{q}.tflite" for q in QUANTIZATIONS},
+                                  kv_cache_max_len=CACHE_LEN, prefill_lens=PREFILL_LENS,
+                                  progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompt_and_reference(keras_lm):
+    """A 20-token prompt and the Keras logits after each of its tokens [20, vocab]."""
+    rng = np.random.default_rng(1)
+    ids = [2] + rng.integers(3, VOCAB, 19).tolist()
+    logits = keras_lm({"token_ids": np.array([ids]), "padding_mask": np.ones((1, len(ids)))})
+    return ids, np.asarray(logits)[0]
+
+
+def test_signatures_follow_litert_lm_conventions(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(exported["none"]))
+    signatures = interpreter.get_signature_list()
+    assert sorted(signatures) == ["decode", "prefill_4", "prefill_8"]
+    caches = [f"kv_cache_{kv}_{i}" for kv in "kv" for i in range(CONFIG["num_hidden_layers"])]
+    cache_shape = [1, CACHE_LEN, CONFIG["num_key_value_heads"], CONFIG["head_dim"]]
+    for name, seq_len in [("prefill_4", 4), ("prefill_8", 8), ("decode", 1)]:
+        runner = interpreter.get_signature_runner(name)
+        inputs = runner.get_input_details()
+        assert sorted(inputs) == sorted(["tokens", "input_pos", "mask", *caches])
+        assert list(inputs["tokens"]["shape"]) == [1, seq_len]
+        assert inputs["tokens"]["dtype"] == np.int32
+        assert list(inputs["input_pos"]["shape"]) == [seq_len]
+        assert inputs["input_pos"]["dtype"] == np.int32
+        assert list(inputs["mask"]["shape"]) == [1, 1, seq_len, CACHE_LEN]
+        assert inputs["mask"]["dtype"] == np.float32
+        for cache in caches:
+            assert list(inputs[cache]["shape"]) == cache_shape
+        outputs = runner.get_output_details()
+        expected = caches + (["logits"] if name == "decode" else [])
+        assert sorted(outputs) == sorted(expected)
+        for cache in caches:
+            assert list(outputs[cache]["shape"]) == cache_shape
+    logits = interpreter.get_signature_runner("decode").get_output_details()["logits"]
+    assert list(logits["shape"]) == [1, 1, VOCAB] and logits["dtype"] == np.float32
+
+
+@pytest.mark.parametrize("quantize", QUANTIZATIONS)
+def test_builtin_ops_only_no_variables(exported, quantize):
+    from gemma_keras.tflite.file_info import RESOURCE_VARIABLE_OPS, TFLiteFileInfo
+
+    info = TFLiteFileInfo(exported[quantize])
+    ops = info.op_names()
+    assert info.custom_ops() == [], f"custom/Flex ops in {quantize}: {info.custom_ops()}"
+    assert not ops & RESOURCE_VARIABLE_OPS, f"resource variables in {quantize}: {ops}"
+    assert "DYNAMIC_UPDATE_SLICE" in ops and "FULLY_CONNECTED" in ops
+
+
+@pytest.mark.parametrize("quantize", QUANTIZATIONS)
+def test_one_embedding_copy_and_size(exported, keras_lm, quantize):
+    from gemma_keras.tflite.file_info import TFLiteFileInfo
+    from gemma_keras.tflite.quantize import weight_bytes
+
+    info = TFLiteFileInfo(exported[quantize])
+    tables = info.buffers_of_shape((VOCAB, CONFIG["hidden_size"]))
+    assert len(tables) == 1, f"{quantize}: the tied embedding is stored {len(tables)} times"
+    expected = weight_bytes(keras_lm.config, quantize)
+    # ai-edge-quantizer's per-channel int8 keeps a float32 scale and an int64 zero point per
+    # row in each signature that reads the tensor: 36 bytes per embedding row here (3
+    # signatures, 128-byte rows), about 1-2% of a 2B file (2304-byte rows). They are
+    # reported, and the rest of the file must match the weights.
+    params = info.quantization_param_bytes()
+    print(f"{quantize}: file {info.size:,} bytes = weights at this precision {expected:,} "
+          f"{info.size / expected - 1:+.1%}; of which per-channel quantization parameters "
+          f"{params:,}")
+    assert abs((info.size - params) / expected - 1) < 0.05
+
+
+@pytest.mark.parametrize("quantize", QUANTIZATIONS)
+def test_decode_logits_match_keras(exported, prompt_and_reference, quantize):
+    """Prefill the first 3 tokens, then decode one token at a time: the logits after each
+    token match the Keras forward pass (finite; fp32 within 1e-4)."""
+    from gemma_keras.tflite import GemmaTFLite
+
+    ids, reference = prompt_and_reference
+    runtime = GemmaTFLite(exported[quantize])
+    logits = [runtime.start(ids[:3])] + [runtime.step(t) for t in ids[3:]]
+    logits = np.stack(logits)
+    assert np.isfinite(logits).all(), f"{quantize} produced non-finite logits"
+    error = np.abs(logits - reference[2:]).max()
+    print(f"{quantize}: max |logit error| {error:.2e} (bound {LOGIT_BOUNDS[quantize]:.0e})")
+    assert error < LOGIT_BOUNDS[quantize]
+
+
+def test_chunked_prefill_matches_keras(exported, prompt_and_reference):
+    """A 20-token prompt is prefilled in chunks (8, 8, then 4 holding the last 3 with one pad
+    token) before decode; the logits after it match Keras."""
+    from gemma_keras.tflite import GemmaTFLite
+
+    ids, reference = prompt_and_reference
+    runtime = GemmaTFLite(exported["none"])
+    assert runtime._prefill_plan(0, len(ids) - 1) == [(8, 8), (8, 8), (4, 3)]
+    np.testing.assert_allclose(runtime.start(ids), reference[-1], atol=1e-4, rtol=0)
+
+
+def test_greedy_32_tokens_identical_to_keras(exported, keras_lm, prompt_and_reference):
+    from gemma_keras.tflite import GemmaTFLite
+
+    ids = prompt_and_reference[0][:12]
+    expected = keras_lm.generate([ids], max_new_tokens=32, stop_token_ids=())[0]
+    got = GemmaTFLite(exported["none"]).generate(ids, max_new_tokens=32, stop_token_ids=())
+    assert len(expected) == 32
+    assert got == expected
+
+
+def test_export_rejects_bad_arguments(keras_lm, tmp_path):
+    from gemma_keras.tflite import export_tflite
+
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        export_tflite(keras_lm, tmp_path / "x.tflite", quantize="int3")
+    with pytest.raises(ValueError, match="longer than the cache"):
+        export_tflite(keras_lm, tmp_path / "x.tflite", kv_cache_max_len=16, prefill_lens=(32,))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        export_tflite(keras_lm, tmp_path / "x.tflite", kv_cache_max_len=4096)
+    small = random_keras_lm({**CONFIG, "hidden_size": 48, "intermediate_size": 80})
+    with pytest.raises(ValueError, match="hidden_size = 48 is not a multiple of 32"):
+        export_tflite(small, tmp_path / "x.tflite", quantize="int4_block32",
+                      kv_cache_max_len=16, prefill_lens=(4,))
+    assert not list(tmp_path.iterdir()), "a refused export left files behind"

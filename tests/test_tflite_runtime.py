@@ -1,0 +1,164 @@
+"""GemmaTFLite on the bundled tiny model: no TensorFlow or Keras, chunked prefill, refusals,
+text/stream/chat against Keras, and task accuracy of the quantized exports.
+
+The tiny model (`gemma_keras/assets/tiny`, trained on "reverse: <words>") is exported once
+in float32, dynamic_int8 and int4_block32 with prefill lengths 4 and 8 and a 62-slot cache,
+so that its chat prompts (about 20 tokens) are prefilled in several chunks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gemma_keras import tiny_task
+
+TINY = tiny_task.tiny_model_dir()
+CACHE_LEN = 62
+PREFILL_LENS = (4, 8)
+VARIANTS = ("none", "dynamic_int8", "int4_block32")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from gemma_keras.causal_lm import Gemma2CausalLM
+
+    return Gemma2CausalLM.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_lm, tmp_path_factory):
+    from gemma_keras.tflite.export import export_tflite_variants
+
+    out = tmp_path_factory.mktemp("tiny_tflite")
+    return export_tflite_variants(tiny_lm, {q: out / f"tiny_{q}.tflite" for q in VARIANTS},
+                                  kv_cache_max_len=CACHE_LEN, prefill_lens=PREFILL_LENS,
+                                  progress=False)
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_exports):
+    from gemma_keras.tflite import GemmaTFLite
+
+    return GemmaTFLite(tiny_exports["none"], f"{TINY}/tokenizer.model")
+
+
+def chat(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_runtime_imports_neither_tensorflow_nor_keras(tiny_exports):
+    code = f"""
+import sys
+from gemma_keras.tflite import GemmaTFLite
+lm = GemmaTFLite({str(tiny_exports['int4_block32'])!r}, {TINY + '/tokenizer.model'!r})
+pieces = list(lm.stream("reverse: cat dog", max_new_tokens=4))
+reply = lm.chat([{{"role": "user", "content": "reverse: sun moon"}}], max_new_tokens=4)
+assert isinstance(reply, str) and pieces, (reply, pieces)
+loaded = sorted(m for m in sys.modules
+                if m.split(".")[0] in ("tensorflow", "keras", "tf_keras", "keras_hub"))
+print("LOADED", loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOADED []" in result.stdout, result.stdout
+
+
+def test_chunked_prefill_matches_keras(runtime, tiny_lm):
+    """A prompt longer than the largest prefill length (8) goes in as 8 + 8 + 8 + 4 (3
+    tokens and a pad), then its last token through decode; the logits match Keras."""
+    tok = tiny_lm.tokenizer
+    text = tiny_task.chat_prompts(tok, ["reverse: cat dog sun moon star tree"])[0]
+    ids = tok.encode(text + "tree star moon")
+    assert len(ids) == 28
+    assert runtime._prefill_plan(0, len(ids) - 1) == [(8, 8), (8, 8), (8, 8), (4, 3)]
+    reference = np.asarray(tiny_lm({"token_ids": np.array([ids]),
+                                    "padding_mask": np.ones((1, len(ids)))}))[0, -1]
+    np.testing.assert_allclose(runtime.start(ids), reference, atol=1e-4, rtol=0)
+
+
+def test_prefill_near_the_end_of_the_cache_never_writes_past_it(runtime, tiny_lm):
+    """62 prompt tokens in a 62-slot cache: after 7 chunks of 8, a padded 8-chunk would run
+    past the cache (DYNAMIC_UPDATE_SLICE would then shift it), so the rest goes through
+    prefill_4 and decode."""
+    rng = np.random.default_rng(0)
+    ids = [2] + rng.integers(3, tiny_lm.config.vocab_size, 61).tolist()
+    assert runtime._prefill_plan(0, len(ids) - 1) == [(8, 8)] * 7 + [(4, 4), (1, 1)]
+    reference = np.asarray(tiny_lm({"token_ids": np.array([ids]),
+                                    "padding_mask": np.ones((1, len(ids)))}))[0, -1]
+    np.testing.assert_allclose(runtime.start(ids), reference, atol=1e-4, rtol=0)
+
+
+def test_prompt_too_long_for_the_cache_is_refused(runtime):
+    ids = [2] + [10] * 57
+    with pytest.raises(ValueError, match=r"58 tokens; with max_new_tokens=8 that needs 66 "
+                                         r"cache slots, .* cache of 62"):
+        runtime.generate(ids, max_new_tokens=8)
+    with pytest.raises(ValueError, match="63 tokens but the model's cache holds 62"):
+        runtime.start([2] + [10] * 62)
+    assert len(runtime.generate(ids, max_new_tokens=4, stop_token_ids=())) == 4  # 62 fit
+
+
+def test_text_stream_and_chat_agree_with_keras(runtime, tiny_lm):
+    messages = chat("reverse: red fish blue fish")
+    prompt = tiny_lm.tokenizer.apply_chat_template(messages)
+    expected = tiny_lm.generate(prompt, max_new_tokens=8)
+    assert expected == "fish blue fish red"
+    assert runtime.chat(messages, max_new_tokens=8) == expected
+    assert "".join(runtime.stream(prompt, max_new_tokens=8)) == expected
+    assert runtime.generate(prompt, max_new_tokens=8) == expected
+
+
+def test_seeded_sampling_matches_keras(runtime, tiny_lm):
+    prompt = tiny_lm.tokenizer.apply_chat_template(chat("reverse: one two six ten"))
+    kwargs = dict(max_new_tokens=8, sampler="top_p", top_p=0.95, temperature=1.5, seed=3)
+    ours = runtime.generate(prompt, **kwargs)
+    assert ours == runtime.generate(prompt, **kwargs)
+    assert ours == tiny_lm.generate(prompt, **kwargs)
+
+
+def test_bad_inputs_get_clear_errors(tiny_exports, tmp_path):
+    from gemma_keras.tflite import GemmaTFLite
+
+    with pytest.raises(FileNotFoundError, match="missing.tflite"):
+        GemmaTFLite(tmp_path / "missing.tflite")
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"not a flatbuffer" * 8)
+    with pytest.raises(ValueError, match="garbage.tflite"):
+        GemmaTFLite(garbage)
+    bare = tmp_path / "bare.tflite"  # no tokenizer.model beside it
+    bare.write_bytes(tiny_exports["none"].read_bytes())
+    lm = GemmaTFLite(bare)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        lm.generate("reverse: cat dog")
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 286\)"):
+        lm.generate([2, 999])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate([2, 5], max_new_tokens=0)
+
+
+def test_quantized_exports_keep_task_accuracy(tiny_exports, tiny_lm):
+    """dynamic_int8 within 2 points of the Keras float model, int4_block32 within 5, on the
+    200 held-out examples."""
+    from gemma_keras.tflite import GemmaTFLite
+
+    examples = tiny_task.eval_examples()
+    keras_accuracy = tiny_task.exact_match_accuracy(
+        lambda prompts: tiny_task.keras_answers(tiny_lm, prompts), examples)
+    accuracies = {}
+    for quantize in VARIANTS:
+        lm = GemmaTFLite(tiny_exports[quantize], f"{TINY}/tokenizer.model")
+        accuracies[quantize] = tiny_task.exact_match_accuracy(
+            lambda prompts: [lm.chat(chat(p), max_new_tokens=tiny_task.MAX_NEW_TOKENS)
+                             for p in prompts], examples)
+    print(f"\nKeras float32: accuracy {keras_accuracy:.3f}")
+    for quantize in VARIANTS:
+        print(f"{quantize:>14}: accuracy {accuracies[quantize]:.3f}, "
+              f"file {tiny_exports[quantize].stat().st_size:,} bytes")
+    assert accuracies["none"] == keras_accuracy
+    assert accuracies["dynamic_int8"] >= keras_accuracy - 0.02
+    assert accuracies["int4_block32"] >= keras_accuracy - 0.05
