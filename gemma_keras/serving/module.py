@@ -124,9 +124,14 @@ class GemmaServingModule(tf.Module):
     # -------------------------------------------------------------------- generate
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
         model, backbone = self._model, self._model.backbone
-        with tf.control_dependencies([_check(tf.size(prompts) > 0, "prompts must hold at "
-                                             "least one string; got none")]):
-            prompts = tf.identity(prompts)  # everything below runs after the check
+        empty = tf.where(tf.strings.length(prompts) == 0)[:, 0]
+        checks = [
+            _check(tf.size(prompts) > 0, "prompts must hold at least one string; got none"),
+            _check(tf.size(empty) == 0, "prompts must not be empty strings; prompt(s) {} are",
+                   empty),
+        ]
+        with tf.control_dependencies(checks):
+            prompts = tf.identity(prompts)  # everything below runs after the checks
         batch = tf.size(prompts)
         max_new = _per_row(max_new_tokens, batch, "max_new_tokens", tf.int32)
         temperature = _per_row(temperature, batch, "temperature", tf.float32)

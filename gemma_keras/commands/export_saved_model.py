@@ -1,0 +1,54 @@
+"""`gemma-keras export-saved-model`: a versioned SavedModel for TensorFlow Serving."""
+
+
+def _size(text):
+    from gemma_keras.commands.convert import parse_size
+
+    return parse_size(text)
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "export-saved-model", help="export a model as a SavedModel for TensorFlow Serving",
+        description="Write OUT/VERSION/ (saved_model.pb, variables/, assets/tokenizer.model), "
+                    "a SavedModel that tensorflow_model_server --model_base_path=OUT serves: "
+                    "signature serving_default (prompts -> completions) and score (token ids "
+                    "-> log-probabilities). The version directory appears only when complete.")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a model directory (gemma-keras or Hugging Face, with tokenizer.model)")
+    p.add_argument("--out", required=True, metavar="BASE_DIR",
+                   help="the model base path (versions are its numbered subdirectories)")
+    p.add_argument("--version", type=int, default=None,
+                   help="version number (default: one more than the highest in BASE_DIR)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="SentencePiece tokenizer.model (default: the model directory's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest prompt + completion in tokens a request may ask for "
+                        "(default: the model's max_position_embeddings)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default of the request's max_new_tokens input (default: 64)")
+    p.add_argument("--max-shard-size", type=_size, default=None,
+                   help="largest variables shard, e.g. 1GB or 500MB (default: 1GiB)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype the model is loaded and served in (default: float32 for a "
+                        "Hugging Face directory, the saved dtype otherwise)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.saved_model import export_saved_model
+
+    model = Gemma2CausalLM.from_pretrained(args.model, dtype=args.dtype)
+    tokenizer = args.tokenizer
+    if tokenizer is None and getattr(model, "tokenizer", None) is None:
+        tokenizer = os.path.join(args.model, "tokenizer.model")
+    options = {k: v for k, v in (("max_new_tokens", args.max_new_tokens),
+                                 ("max_shard_size", args.max_shard_size)) if v is not None}
+    path = export_saved_model(model, args.out, version=args.version,
+                              tokenizer_path=tokenizer, max_length=args.max_length,
+                              **options)
+    print(f"wrote {path}")
