@@ -71,3 +71,187 @@ def default_compile_args(model, optimizer="auto", loss="auto", weighted_metrics=
     if isinstance(weighted_metrics, str) and weighted_metrics == "auto":
         weighted_metrics = [masked_accuracy()]
     return optimizer, loss, weighted_metrics
+
+
+# ------------------------------------------------------------------ remat
+def remat_scope(config):
+    """A `keras.RematScope` that recomputes each decoder block's activations in the backward
+    pass instead of storing them (less memory for long sequences, about one more forward
+    pass of compute). Build or load the model inside it:
+
+    >>> with remat_scope(Gemma2Config.from_json_file("config.json")):
+    ...     model = Gemma2CausalLM.from_pretrained(directory)
+    """
+    names = [f"decoder_block_{i}" for i in range(config.num_hidden_layers)]
+    return keras.RematScope(mode="list_of_layers", layer_names=names)
+
+
+# ------------------------------------------------------------- checkpoints
+CHECKPOINT_PATTERN = "epoch-{:04d}.safetensors"
+
+
+def save_checkpoint(model, directory, epoch, fingerprint: dict) -> str:
+    """Write the trainable weights and the optimizer state after `epoch` (1-based) as
+    `epoch-NNNN.safetensors` (temporary name, then renamed). For a LoRA run this is the
+    adapters only; the frozen weights come from the base model when resuming."""
+    import json
+    import os
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {f"model/{i:05d}": np.asarray(v.numpy())
+               for i, v in enumerate(model.trainable_variables)}
+    tensors.update({f"optimizer/{i:05d}": np.asarray(v.numpy())
+                    for i, v in enumerate(model.optimizer.variables)})
+    path = os.path.join(directory, CHECKPOINT_PATTERN.format(epoch))
+    save_file(tensors, path + ".tmp", metadata={"epoch": str(epoch),
+                                                "fingerprint": json.dumps(fingerprint)})
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def latest_checkpoint(directory):
+    """Path of the highest-epoch checkpoint in `directory`, or None."""
+    import glob
+    import os
+
+    paths = sorted(glob.glob(os.path.join(directory, "epoch-*.safetensors")))
+    return paths[-1] if paths else None
+
+
+def restore_checkpoint(model, path, fingerprint: dict) -> int:
+    """Load a `save_checkpoint` file into a compiled model; return its epoch. The run's
+    settings (`fingerprint`) must be those the checkpoint was written with."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        metadata = f.metadata()
+        saved = json.loads(metadata["fingerprint"])
+        if saved != fingerprint:
+            changed = sorted(k for k in set(saved) | set(fingerprint)
+                             if saved.get(k) != fingerprint.get(k))
+            raise ValueError(f"{path} was written by a run with other settings ({changed}: "
+                             f"{[saved.get(k) for k in changed]} now "
+                             f"{[fingerprint.get(k) for k in changed]}); use another "
+                             "checkpoint directory or start over")
+        model.optimizer.build(model.trainable_variables)
+        for prefix, variables in (("model", model.trainable_variables),
+                                  ("optimizer", model.optimizer.variables)):
+            names = sorted(k for k in f.keys() if k.startswith(prefix + "/"))
+            if len(names) != len(variables):
+                raise ValueError(f"{path}: {len(names)} {prefix} tensors, the run has "
+                                 f"{len(variables)}")
+            for name, variable in zip(names, variables):
+                value = f.get_tensor(name)
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise ValueError(f"{path}: {name} has shape {value.shape}, expected "
+                                     f"{tuple(variable.shape)} ({variable.path})")
+                variable.assign(value)
+    return int(metadata["epoch"])
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Save a resumable checkpoint after every epoch (see `save_checkpoint`)."""
+
+    def __init__(self, directory, fingerprint):
+        super().__init__()
+        self.directory, self.fingerprint = directory, fingerprint
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_checkpoint(self.model, self.directory, epoch + 1, self.fingerprint)
+
+
+# --------------------------------------------------------------- finetune
+def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_length=None,
+             lora_rank=None, lora_alpha=None, lora_targets=None, learning_rate=None,
+             validation_split=0.1, validation_path=None, checkpoint_dir=None, resume=True,
+             gradient_accumulation_steps=None, dtype=None, remat=False, seed=0,
+             overwrite=False, verbose=1):
+    """Fine-tune a model directory on a JSONL file and write the result as a model directory.
+
+    The model (`Gemma2CausalLM.from_pretrained(model_dir)`) trains on `data_path` (see
+    `gemma_keras.data`), with LoRA when `lora_rank` is given. A validation loss is reported
+    every epoch, on `validation_path` or a held-out `validation_split` of the data. After each
+    epoch a checkpoint goes to `checkpoint_dir` (default `OUT_DIR.checkpoints`); a later run
+    with the same settings resumes from the latest one. At the end LoRA adapters are saved
+    (`checkpoint_dir/adapter.safetensors`) and merged, and the model is written to `out_dir`
+    as a gemma-keras model directory that every subcommand accepts.
+
+    Returns a dict with the per-epoch history and the paths written.
+    """
+    import os
+
+    from gemma_keras import lora
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.config import Gemma2Config
+    from gemma_keras.converters.keras_dir import save_model_dir
+    from gemma_keras.data import load_jsonl
+
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
+    keras.utils.set_random_seed(seed)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a model directory)")
+    config = Gemma2Config.from_json_file(config_path)
+    if remat:
+        with remat_scope(config):
+            model = Gemma2CausalLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        model = Gemma2CausalLM.from_pretrained(model_dir, dtype=dtype)
+    if model.tokenizer is None:
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.model to encode the data with")
+
+    if sequence_length is not None and sequence_length > config.max_position_embeddings:
+        raise ValueError(f"sequence_length {sequence_length} exceeds the model's "
+                         f"{config.max_position_embeddings} positions")
+    data = load_jsonl(data_path, model.tokenizer, sequence_length)
+    if data.sequence_length > config.max_position_embeddings:
+        raise ValueError(f"{data_path}: the longest record needs {data.sequence_length} "
+                         f"positions, the model has {config.max_position_embeddings}")
+    if validation_path:
+        train, val = data, load_jsonl(validation_path, model.tokenizer, data.sequence_length)
+    elif validation_split:
+        train, val = data.split(validation_split, seed=seed)
+    else:
+        train, val = data, None
+
+    if lora_rank:
+        lora.enable_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
+    model.compile(optimizer=adamw(model, learning_rate=learning_rate,
+                                  gradient_accumulation_steps=gradient_accumulation_steps))
+
+    checkpoint_dir = checkpoint_dir or os.fspath(out_dir).rstrip("/") + ".checkpoints"
+    fingerprint = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path),
+                       lora_rank=lora_rank, lora_alpha=lora_alpha,
+                       lora_targets=list(lora.resolve_targets(lora_targets)) if lora_rank
+                       else None, batch_size=batch_size, sequence_length=data.sequence_length,
+                       dtype=model.dtype_policy.name)
+    initial_epoch = 0
+    latest = latest_checkpoint(checkpoint_dir) if resume else None
+    if latest:
+        initial_epoch = restore_checkpoint(model, latest, fingerprint)
+        if verbose:
+            print(f"resuming from {latest} (epoch {initial_epoch} done)")
+    history = {}
+    if initial_epoch < epochs:
+        result = model.fit(
+            train.tf_dataset(batch_size, seed=seed), epochs=epochs, initial_epoch=initial_epoch,
+            validation_data=val.tf_dataset(batch_size, shuffle=False) if val else None,
+            callbacks=[EpochCheckpoint(checkpoint_dir, fingerprint)], verbose=verbose)
+        history = {k: [float(x) for x in v] for k, v in result.history.items()}
+
+    paths = {"checkpoints": checkpoint_dir}
+    if lora_rank:
+        paths["adapter"] = lora.save_lora_weights(
+            model, os.path.join(checkpoint_dir, "adapter.safetensors"))
+        lora.merge_lora(model)
+    save_model_dir(model, out_dir, source=model_dir, tokenizer_path=model.tokenizer.proto_path,
+                   overwrite=overwrite)
+    paths["model"] = os.fspath(out_dir)
+    return {"history": history, "initial_epoch": initial_epoch, "paths": paths,
+            "train_examples": len(train), "validation_examples": len(val) if val else 0}

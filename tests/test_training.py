@@ -1,0 +1,177 @@
+"""Fine-tuning with model.fit: data pipeline, compile defaults, masked loss, TF and JAX fits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gemma_keras import tiny_task
+from gemma_keras.data import DataError, encode_records, load_jsonl
+
+TINY = tiny_task.tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    return GemmaTokenizer(os.path.join(TINY, "tokenizer.model"))
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD = json.dumps({"prompt": "reverse: cat dog", "response": "dog cat"})
+
+
+@pytest.mark.parametrize("lines, kwargs, expected", [
+    ([], {}, "empty"),
+    ([GOOD, "{not json"], {}, "line 2: not valid JSON"),
+    ([GOOD, GOOD, json.dumps({"prompt": "reverse: a b"})], {}, "line 3: has 'prompt' or "
+                                                              "'response' but is missing 'response'"),
+    ([json.dumps({"question": "x"})], {}, "line 1: expected 'text', 'prompt'"),
+    ([json.dumps([1, 2])], {}, "line 1: expected a JSON object"),
+    ([GOOD, "", json.dumps({"text": "cat " * 40})], {"sequence_length": 32},
+     "line 3: 43 tokens, longer than sequence_length=32"),
+    ([json.dumps({"messages": [{"role": "system", "content": "x"}]})], {},
+     "line 1: message 0 has role 'system'"),
+    ([json.dumps({"messages": [{"role": "user", "content": "x"}]})], {}, "line 1: no model turn"),
+    ([json.dumps({"prompt": "x", "response": 3})], {}, "line 1: message 1: 'content' must be a "
+                                                        "string"),
+])
+def test_bad_data_is_reported_with_its_line(tmp_path, tokenizer, lines, kwargs, expected):
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        load_jsonl(path, tokenizer, **kwargs)
+    assert expected in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_loss_only_on_response_tokens(tokenizer):
+    data = encode_records([{"prompt": "reverse: cat dog", "response": "dog cat"},
+                           {"text": "cat dog"}], tokenizer, sequence_length=32)
+    prompt = tokenizer.encode(tiny_task.chat_prompts(tokenizer, ["reverse: cat dog"])[0])
+    response = tokenizer.encode("dog cat<end_of_turn>\n", add_bos=False)
+    full = prompt + response
+    n = len(full) - 1
+    assert data.token_ids[0, :n].tolist() == full[:-1]
+    assert data.labels[0, :n].tolist() == full[1:]
+    assert data.padding_mask[0].tolist() == [1] * n + [0] * (32 - n)
+    # trained labels are exactly the response and its end of turn
+    trained = data.labels[0][data.sample_weight[0] > 0].tolist()
+    assert trained == response
+    # plain text: every token (and the appended <eos>) is trained, padding is not
+    text = tokenizer.encode("cat dog") + [tokenizer.eos_id]
+    assert data.labels[1][data.sample_weight[1] > 0].tolist() == text[1:]
+    assert data.sample_weight[1, len(text) - 1:].sum() == 0
+
+
+def test_multi_turn_messages_train_every_model_turn(tokenizer):
+    record = {"messages": [{"role": "user", "content": "repeat: sun"},
+                           {"role": "model", "content": "sun"},
+                           {"role": "user", "content": "reverse: cat dog"},
+                           {"role": "assistant", "content": "dog cat"}]}
+    data = encode_records([record], tokenizer)
+    trained = tokenizer.decode(data.labels[0][data.sample_weight[0] > 0],
+                               skip_special_tokens=False)
+    assert trained == "sun<end_of_turn>\ndog cat<end_of_turn>\n"
+
+
+def test_compile_defaults():
+    import keras
+
+    from gemma_keras.causal_lm import Gemma2CausalLM
+
+    model = Gemma2CausalLM.from_pretrained(TINY)
+    model.compile()
+    assert isinstance(model.optimizer, keras.optimizers.AdamW)
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-5)
+    model.enable_lora(2)
+    model.compile()
+    assert float(model.optimizer.learning_rate) == pytest.approx(2e-4)
+
+
+def cross_entropy(logits, labels, weights):
+    logits = logits - logits.max(-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    return (nll * weights).sum() / weights.sum()
+
+
+def test_full_finetune_lowers_validation_loss_with_exact_masked_loss(tokenizer):
+    """A generator trains, a tf.data set validates; Keras' loss is the masked mean computed
+    by hand, and two epochs of full fine-tuning on a new task lower the validation loss."""
+    import keras
+
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.training import adamw
+
+    keras.utils.set_random_seed(0)
+    model = Gemma2CausalLM.from_pretrained(TINY)
+    train = encode_records(tiny_task.training_examples(192, task="repeat"), tokenizer, 32)
+    val = encode_records(tiny_task.held_out_examples("repeat", n=48), tokenizer, 32)
+    model.compile(optimizer=adamw(model, learning_rate=2e-3))
+
+    logits = np.asarray(model.predict_on_batch({"token_ids": val.token_ids,
+                                                "padding_mask": val.padding_mask}))
+    expected = cross_entropy(logits, val.labels, val.sample_weight)
+    before = model.evaluate(val.tf_dataset(48, shuffle=False), return_dict=True, verbose=0)
+    assert before["loss"] == pytest.approx(expected, rel=1e-4)
+
+    history = model.fit(train.batches(32, repeat=True), steps_per_epoch=train.num_batches(32),
+                        validation_data=val.tf_dataset(48), epochs=2, verbose=0)
+    val_losses = history.history["val_loss"]
+    assert val_losses[-1] < 0.5 * before["loss"], (before, val_losses)
+    assert history.history["val_accuracy"][-1] > before["accuracy"]
+
+
+JAX_FIT = textwrap.dedent("""
+    import json, numpy as np, keras
+    from gemma_keras import tiny_task
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.data import encode_records
+    from gemma_keras.training import adamw
+    assert keras.backend.backend() == "jax"
+    keras.utils.set_random_seed(0)
+    out = {}
+    for name, dtype, accumulate in (("float32", "float32", None),
+                                    ("mixed_bfloat16", "mixed_bfloat16", 2)):
+        model = Gemma2CausalLM.from_pretrained(tiny_task.tiny_model_dir(), dtype=dtype)
+        data = encode_records(tiny_task.training_examples(64, task="repeat"),
+                              model.tokenizer, 32)
+        model.compile(optimizer=adamw(model, learning_rate=2e-3,
+                                      gradient_accumulation_steps=accumulate))
+        before = model.evaluate(data.tf_dataset(32, shuffle=False), verbose=0,
+                                return_dict=True)["loss"]
+        model.fit(data.batches(16, repeat=True), steps_per_epoch=8, epochs=1, verbose=0)
+        after = model.evaluate(data.tf_dataset(32, shuffle=False), verbose=0,
+                               return_dict=True)["loss"]
+        out[name] = [before, after, model.compute_dtype, int(model.optimizer.iterations)]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def run_jax(script, extra_env=None):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", **(extra_env or {})}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_fit_on_jax_backend_float32_and_mixed_bfloat16_with_accumulation():
+    out = run_jax(JAX_FIT)
+    before, after, dtype, iterations = out["float32"]
+    assert dtype == "float32" and after < 0.7 * before, out
+    before, after, dtype, iterations = out["mixed_bfloat16"]
+    assert dtype == "bfloat16" and after < 0.85 * before, out
+    assert iterations == 4  # 8 batches, gradients accumulated over 2
