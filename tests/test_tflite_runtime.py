@@ -162,3 +162,19 @@ def test_quantized_exports_keep_task_accuracy(tiny_exports, tiny_lm):
     assert accuracies["none"] == keras_accuracy
     assert accuracies["dynamic_int8"] >= keras_accuracy - 0.02
     assert accuracies["int4_block32"] >= keras_accuracy - 0.05
+
+
+def test_cli_export_then_generate(tmp_path, capsys):
+    from gemma_keras.cli import main
+
+    out = tmp_path / "tiny_int4.tflite"
+    assert main(["export-tflite", "--model", TINY, "--out", str(out), "--quantize",
+                 "int4_block32", "--kv-cache-max-len", "32", "--prefill-lens", "4,8",
+                 "--quiet"]) == 0
+    assert (tmp_path / "tokenizer.model").is_file()  # copied beside the file
+    assert "wrote" in capsys.readouterr().out
+    assert main(["export-tflite", "--model", TINY, "--out", str(out)]) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["generate", "--tflite", str(out), "--chat", "reverse: red fish blue fish",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "fish blue fish red"

@@ -44,7 +44,7 @@ def _require_tensorflow_backend():
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
+        raise ValueError(
             "TFLite export traces the Keras model with TensorFlow; set KERAS_BACKEND=tensorflow "
             f"(the current backend is {keras.backend.backend()!r})"
         )

@@ -1,0 +1,83 @@
+"""`gemma-keras export-tflite`: a model directory to one `.tflite` file with a KV cache."""
+
+DEFAULT_PREFILL_LENS = "8,64,256"
+
+
+def parse_lengths(text):
+    """'8,64,256' -> (8, 64, 256)."""
+    import argparse
+
+    try:
+        lengths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 8,64,256, got {text!r}")
+    return lengths
+
+
+def register(subparsers):
+    from gemma_keras.tflite.quantize import QUANTIZATIONS
+
+    p = subparsers.add_parser(
+        "export-tflite", help="export a model to one .tflite file (prefill/decode, KV cache)",
+        description="Export a model directory to a .tflite file that the LiteRT interpreter "
+                    "(gemma_keras.tflite.GemmaTFLite, or `gemma-keras generate --tflite`) and "
+                    "Google's LiteRT-LM runtime read: signatures prefill_<T> (one per "
+                    "--prefill-lens entry) and decode, with the KV cache passed in and out. "
+                    "Only builtin TFLite ops; the tied embedding is stored once. The model's "
+                    "tokenizer.model is copied beside the file unless one is already there.",
+        epilog="example: gemma-keras export-tflite --model gemma2-2b --out gemma2_int4.tflite "
+               "--quantize int4_block32 --kv-cache-max-len 1280",
+    )
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a gemma-keras or Hugging Face model directory (default: the bundled "
+                        "tiny model)")
+    p.add_argument("--out", required=True, metavar="FILE.tflite", help="the file to write")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                   help="none (float32); fp16 and dynamic_int8 (TensorFlow's converter); "
+                        "weight_only_int8, int4_block32, int4_block128 (ai-edge-quantizer). "
+                        "Default: none")
+    p.add_argument("--kv-cache-max-len", type=int, default=1024, metavar="N",
+                   help="cache slots: the most tokens (prompt + generated) per conversation "
+                        "(default 1024)")
+    p.add_argument("--prefill-lens", type=parse_lengths, default=parse_lengths(
+        DEFAULT_PREFILL_LENS), metavar="T,T,...",
+        help=f"one prefill signature per length (default {DEFAULT_PREFILL_LENS})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    import os
+    import shutil
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix != ".tflite":
+        raise ValueError(f"--out should name a .tflite file, got {out}")
+    if args.model is None:
+        from gemma_keras.tiny_task import tiny_model_dir
+
+        args.model = tiny_model_dir()
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model: no such directory: {model_dir}")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # the exporter traces with TF
+
+    from gemma_keras.tflite import export_tflite
+
+    export_tflite(model_dir, out, quantize=args.quantize,
+                  kv_cache_max_len=args.kv_cache_max_len, prefill_lens=args.prefill_lens,
+                  progress=not args.quiet)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, quantize={args.quantize}, "
+          f"cache {args.kv_cache_max_len}, prefill {','.join(map(str, args.prefill_lens))})")
+    tokenizer, beside = model_dir / "tokenizer.model", out.parent / "tokenizer.model"
+    if tokenizer.is_file() and not beside.exists():
+        shutil.copyfile(tokenizer, beside)
+        print(f"copied {tokenizer} to {beside}")
+    return 0
