@@ -2,12 +2,15 @@
 
 The batch is left-padded so that every row ends at the same cache slot; row b starts at slot
 `start[b]` (the backbone masks the slots before it and counts RoPE positions from it). The
-prompt is run once (prefill), then each step feeds only the newest token and reads the past
-from the cache. Both functions are compiled once per shape (XLA through
-`tf.function(jit_compile=True)` on TensorFlow, `jax.jit` on JAX, eager on PyTorch) and kept
-on the model, so repeated calls do not retrace. Prompt lengths are rounded up to a multiple
-of `PROMPT_BUCKET` and the cache to a multiple of `CACHE_BUCKET`, so nearby lengths share one
-compiled function. Sampling (see `gemma_keras.samplers`) runs on the host.
+prompt is run once (prefill, `PREFILL_CHUNK` tokens at a time), then each step feeds only the
+newest token and reads the past from the cache. One function does both: it runs T tokens per
+row into the cache and returns the logits of the last; it is compiled once per shape (XLA
+through `tf.function(jit_compile=True)` on TensorFlow, `jax.jit` with the cache donated on JAX,
+eager on PyTorch) and kept on the model, so repeated calls do not retrace. Prompts are
+left-padded to a multiple of `PREFILL_CHUNK`, and the cache has a power-of-two number of
+slots (at least `MIN_CACHE`), so a batch size and cache size need exactly two compilations
+(T = PREFILL_CHUNK and T = 1) whatever the prompt lengths. Sampling (see
+`gemma_keras.samplers`) runs on the host.
 
 Example:
 >>> lm = Gemma2CausalLM.from_pretrained("my_model")
@@ -27,22 +30,30 @@ from keras import ops
 
 from gemma_keras.samplers import get_sampler
 
-PROMPT_BUCKET = 16
-CACHE_BUCKET = 64
+PREFILL_CHUNK = 32
+MIN_CACHE = 64
 
 
 def _round_up(n, multiple):
     return int(math.ceil(n / multiple) * multiple)
 
 
+def cache_slots(n):
+    """Cache slots for `n` tokens: the next power of two (at least MIN_CACHE) up to 4096,
+    then the next multiple of 1024."""
+    if n > 4096:
+        return _round_up(n, 1024)
+    return max(MIN_CACHE, 1 << (int(n) - 1).bit_length())
+
+
 # ---------------------------------------------------------------- compiled steps
 class Generator:
-    """The compiled prefill and decode-step functions of one model, cached by shape.
+    """The compiled step function of one model, cached by shape, and the prefill built on it.
 
-    `prefill(token_ids [B, P], start [B], cache_length)` -> `(logits [B, V], cache)`: runs the
-    left-padded prompts into a new cache of `cache_length` slots; logits of the last slot.
-    `step(token_ids [B, 1], cache, cache_index, start)` -> `(logits [B, V], cache)`: one token
-    per row at slot `cache_index`.
+    `step(token_ids [B, T], cache, cache_index, start)` -> `(logits [B, V], cache)`: runs T
+    tokens per row into cache slots `cache_index ..`; the logits are those of the last slot.
+    `prefill(token_ids [B, P], start, cache_length)` -> `(logits [B, V], cache)`: a new cache
+    of `cache_length` slots, filled `PREFILL_CHUNK` tokens per step (P must be a multiple).
     Logits are float32 NumPy arrays; the cache stays on the backend.
     """
 
@@ -53,23 +64,11 @@ class Generator:
         self._variables_key = None
         self.trace_counts = {}  # how often each compiled function was traced (for tests)
 
-    # ---- the model math (traced by the compiler)
-    def _prefill_fn(self, cache_length):
-        backbone = self.model.backbone
-
-        def prefill(token_ids, start):
-            self._count_trace(("prefill", tuple(token_ids.shape), cache_length))
-            cache = backbone.init_cache(ops.shape(token_ids)[0], cache_length)
-            hidden, cache = backbone.call_with_cache(token_ids, cache, 0, start=start)
-            return self.model.logits(hidden[:, -1, :]), cache
-
-        return prefill
-
     def _step_fn(self):
         backbone = self.model.backbone
 
         def step(token_ids, cache, cache_index, start):
-            self._count_trace(("step", tuple(token_ids.shape), tuple(cache[0][0].shape)))
+            self._count_trace((tuple(token_ids.shape), tuple(cache[0][0].shape)))
             hidden, cache = backbone.call_with_cache(token_ids, cache, cache_index, start=start)
             return self.model.logits(hidden[:, -1, :]), cache
 
@@ -108,33 +107,41 @@ class Generator:
         jitted = jax.jit(stateless, donate_argnums=(2,) if donate_cache else ())
         return lambda *args: jitted([v.value for v in variables], *args)
 
-    def _get(self, key, make, new_call=False):
-        # Keyed on the model's variables too: enable_lora or quantize swap them, and a
-        # function traced before would still read the old ones. (Looked up once per
-        # prefill: listing a big model's variables every step would cost time.)
-        if new_call or self._variables_key is None:
-            self._variables_key = tuple(id(v) for v in self.model.variables)
-        key = (key, self._variables_key)
+    def _function(self, token_shape, cache_shape):
+        key = (token_shape, cache_shape, self._variables_key)
         if key not in self._compiled:
-            self._compiled[key] = make()
+            self._compiled[key] = self._compile(self._step_fn(), donate_cache=True)
         return self._compiled[key]
 
     # ---- the two entry points
-    def prefill(self, token_ids, start, cache_length):
-        token_ids = np.asarray(token_ids, np.int32)
-        fn = self._get(("prefill", token_ids.shape, cache_length),
-                       lambda: self._compile(self._prefill_fn(cache_length)), new_call=True)
-        logits, cache = fn(ops.convert_to_tensor(token_ids),
-                           ops.convert_to_tensor(np.asarray(start, np.int32)))
-        return np.asarray(ops.convert_to_numpy(logits)), cache
-
     def step(self, token_ids, cache, cache_index, start):
         token_ids = np.asarray(token_ids, np.int32)
-        key = ("step", token_ids.shape, tuple(cache[0][0].shape))
-        fn = self._get(key, lambda: self._compile(self._step_fn(), donate_cache=True))
-        logits, cache = fn(ops.convert_to_tensor(token_ids), cache,
-                           ops.convert_to_tensor(np.int32(cache_index)),
-                           ops.convert_to_tensor(np.asarray(start, np.int32)))
+        logits, cache = self._step(token_ids, cache, cache_index, start)
+        return np.asarray(ops.convert_to_numpy(logits)), cache
+
+    def _step(self, token_ids, cache, cache_index, start):
+        if self._variables_key is None:
+            self._refresh()
+        fn = self._function(token_ids.shape, tuple(cache[0][0].shape))
+        return fn(ops.convert_to_tensor(token_ids), cache,
+                  ops.convert_to_tensor(np.int32(cache_index)),
+                  ops.convert_to_tensor(np.asarray(start, np.int32)))
+
+    def _refresh(self):
+        # The compiled functions are keyed on the model's variables too: enable_lora or
+        # quantize swap them, and a function traced before would still read the old ones.
+        # (Listed once per prefill: doing it every step would cost time on a big model.)
+        self._variables_key = tuple(id(v) for v in self.model.variables)
+
+    def prefill(self, token_ids, start, cache_length):
+        token_ids = np.asarray(token_ids, np.int32)
+        batch, length = token_ids.shape
+        if length % PREFILL_CHUNK:
+            raise ValueError(f"prefill takes a multiple of {PREFILL_CHUNK} tokens, got {length}")
+        self._refresh()
+        cache = self.model.backbone.init_cache(batch, cache_length)
+        for i in range(0, length, PREFILL_CHUNK):
+            logits, cache = self._step(token_ids[:, i:i + PREFILL_CHUNK], cache, i, start)
         return np.asarray(ops.convert_to_numpy(logits)), cache
 
 
@@ -251,8 +258,8 @@ def generate_ids(model, prompts, max_new_tokens=64, sampler="greedy", stop_token
 
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts])
-    prompt_slots = _round_up(lengths.max(), PROMPT_BUCKET)
-    cache_length = _round_up(prompt_slots + max_new_tokens, CACHE_BUCKET)
+    prompt_slots = _round_up(lengths.max(), PREFILL_CHUNK)
+    cache_length = cache_slots(prompt_slots + max_new_tokens)
     start = prompt_slots - lengths
     token_ids = np.full((batch, prompt_slots), config.pad_token_id, np.int32)
     for b, p in enumerate(prompts):
@@ -338,3 +345,77 @@ def stream(model, prompt, max_new_tokens=64, sampler="greedy", stop_token_ids=No
         text = model.tokenizer.decode(tokens)
         if len(text) > len(shown) and text.startswith(shown):
             yield text[len(shown):]
+
+
+# ------------------------------------------------------------ loading and chatting
+def load_model(directory=None, dtype=None):
+    """`Gemma2CausalLM.from_pretrained(directory)` (a gemma-keras or Hugging Face model
+    directory, tokenizer attached); `None` loads the bundled tiny model."""
+    from pathlib import Path
+
+    from gemma_keras.causal_lm import Gemma2CausalLM
+
+    if directory is None:
+        from gemma_keras.tiny_task import tiny_model_dir
+
+        directory = tiny_model_dir()
+        if not (Path(directory) / "config.json").is_file():
+            raise FileNotFoundError(f"the bundled tiny model is not installed ({directory}); "
+                                    "pass --model DIR")
+    return Gemma2CausalLM.from_pretrained(directory, dtype=dtype)
+
+
+class ChatSession:
+    """A multi-turn chat in Gemma's turn format with anything that has `.tokenizer` and
+    `.stream(prompt, max_new_tokens=..., sampler=..., seed=..., ...)`: a `Gemma2CausalLM`
+    or a `gemma_keras.tflite.GemmaTFLite`.
+
+    Each `send(text)` renders the whole history with the chat template and streams the
+    reply (stopping at `<end_of_turn>`); the reply joins the history. The oldest turns are
+    dropped when the history would not fit `limit` tokens with `max_new_tokens` more.
+
+    Example:
+    >>> chat = ChatSession(lm, max_new_tokens=64)
+    >>> print("".join(chat.send("reverse: cat dog")))
+    """
+
+    def __init__(self, model, max_new_tokens=256, limit=None, seed=None, **sampling):
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("chat needs a model with a tokenizer")
+        self.model = model
+        self.max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+        if limit is None:
+            limit = getattr(model, "cache_len", None) or model.config.max_position_embeddings
+        self.limit = limit
+        self.seed = seed
+        self.sampling = sampling
+        self.messages = []
+
+    def reset(self):
+        self.messages = []
+
+    def _prompt(self):
+        tokenizer = self.model.tokenizer
+        while True:
+            prompt = tokenizer.apply_chat_template(self.messages)
+            n = len(tokenizer.encode(prompt))
+            if n + self.max_new_tokens <= self.limit or len(self.messages) == 1:
+                return prompt
+            self.messages = self.messages[2:]  # drop the oldest user/model pair
+
+    def send(self, text):
+        """Yield the reply to `text` in pieces; it is added to the history when complete."""
+        if not text:
+            raise ValueError("empty message")
+        self.messages.append({"role": "user", "content": text})
+        seed = None if self.seed is None else self.seed + len(self.messages)
+        try:
+            pieces = []
+            for piece in self.model.stream(self._prompt(), max_new_tokens=self.max_new_tokens,
+                                           seed=seed, **self.sampling):
+                pieces.append(piece)
+                yield piece
+        except BaseException:
+            self.messages.pop()  # a failed or interrupted turn leaves no trace
+            raise
+        self.messages.append({"role": "model", "content": "".join(pieces)})

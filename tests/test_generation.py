@@ -6,12 +6,13 @@ import torch
 
 from conftest import make_hf_model, save_hf_checkpoint_dir
 from gemma_keras.converters import load_hf_checkpoint
-from gemma_keras.generation import PROMPT_BUCKET, get_generator
+from gemma_keras.generation import PREFILL_CHUNK, get_generator
 from gemma_keras.samplers import (GreedySampler, TemperatureSampler, TopKSampler, TopPSampler,
                                   get_sampler)
 
-# Prompts of different lengths, all within one prompt bucket (one compiled prefill).
-PROMPTS = [[2, 5, 9, 33, 40, 12, 7], [2, 70, 80], [2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+# Prompts of different lengths; the longest takes two prefill chunks. With up to 64 new
+# tokens every batch-of-3 test below shares one cache size: two compiled functions in all.
+PROMPTS = [[2, 5, 9, 33, 40, 12, 7], [2, 70, 80], [2, *range(11, 50)]]
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +66,20 @@ def test_per_sequence_stop_matches_transformers(lm, hf_varied):
 
 
 def test_cached_decode_logits_match_full_forward(lm, hf_varied):
-    """Prefill left-padded prompts (7, 3 and 11 tokens), then feed their continuations one
-    token a step: every step's logits equal the full forward pass (Keras and transformers)."""
+    """Prefill left-padded prompts (7, 3 and 40 tokens: two chunks), then feed their
+    continuations one token a step: every step's logits equal the full forward pass (Keras
+    and transformers)."""
     rng = np.random.default_rng(0)
-    rows = [[2, *rng.integers(3, 160, 24).tolist()] for _ in range(3)]
-    prompt_lengths, steps = [7, 3, 11], 12  # the shapes of PROMPTS: no new compilation
-    slots = PROMPT_BUCKET
+    rows = [[2, *rng.integers(3, 160, 59).tolist()] for _ in range(3)]
+    prompt_lengths, steps = [7, 3, 40], 12  # the shapes of PROMPTS: no new compilation
+    slots = 2 * PREFILL_CHUNK
     start = np.array([slots - n for n in prompt_lengths], np.int32)
     prompt = np.zeros((3, slots), np.int32)
     for b, n in enumerate(prompt_lengths):
         prompt[b, start[b]:] = rows[b][:n]
 
     gen = get_generator(lm)
-    logits, cache = gen.prefill(prompt, start, 64)
+    logits, cache = gen.prefill(prompt, start, 128)
     cached = [logits]
     for t in range(steps):
         token = [[rows[b][n + t]] for b, n in enumerate(prompt_lengths)]
@@ -99,24 +101,24 @@ def test_step_compiled_once_per_shape(lm):
     gen = get_generator(lm)
     lm.generate(PROMPTS, max_new_tokens=32, stop_token_ids=())
     before = dict(gen.trace_counts)
-    other = [[2, 3, 4, 5], [2, 9], [2, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]]  # same buckets
+    other = [[2, 3, 4, 5], [2, 9], [2, *[8] * 35]]  # other lengths, same shapes
     lm.generate(other, max_new_tokens=30, stop_token_ids=())
     assert gen.trace_counts == before
+    shapes = [k for k in gen.trace_counts if k[0][0] == 3]
+    assert sorted(t for t, _ in shapes) == [(3, 1), (3, PREFILL_CHUNK)]  # decode and prefill
     assert all(n == 1 for n in gen.trace_counts.values()), gen.trace_counts
 
 
 # ------------------------------------------------------------------- text in, text out
 def test_text_generate_and_stream_agree(lm, tiny_tokenizer):
-    prompt = "hello the cat"
-    ids = lm.generate(tiny_tokenizer.encode(prompt), max_new_tokens=20, stop_token_ids=())
-    text = lm.generate(prompt, max_new_tokens=20, stop_token_ids=())
+    prompt, kw = "hello the cat", dict(max_new_tokens=40, stop_token_ids=())
+    ids = lm.generate(tiny_tokenizer.encode(prompt), **kw)
+    text = lm.generate(prompt, **kw)
     assert isinstance(text, str) and text == tiny_tokenizer.decode(ids)
-    batch = lm.generate(["yes", prompt, "who is it"], max_new_tokens=20, stop_token_ids=())
-    assert batch[1] == text
-    pieces = list(lm.stream(prompt, max_new_tokens=20, stop_token_ids=()))
+    assert lm.generate(["yes", prompt, "who is it"], **kw)[1] == text
+    pieces = list(lm.stream(prompt, **kw))
     assert len(pieces) > 1 and "".join(pieces) == text
-    streamed_ids = list(lm.stream(tiny_tokenizer.encode(prompt), max_new_tokens=20,
-                                  stop_token_ids=()))
+    streamed_ids = list(lm.stream(tiny_tokenizer.encode(prompt), **kw))
     assert streamed_ids == ids
 
 
@@ -216,9 +218,9 @@ def test_text_needs_a_tokenizer(lm):
 
 
 def test_truncate_keeps_bos_and_the_last_tokens(lm):
-    long = [2, *range(20, 40)]  # 21 tokens; limit 24 with 8 new leaves room for 16
-    kw = dict(max_new_tokens=8, stop_token_ids=())
+    long = [2, *range(20, 100)]  # 81 tokens; limit 100 with 40 new leaves room for 60
+    kw = dict(max_new_tokens=40, stop_token_ids=())
     with pytest.raises(ValueError, match="truncate=True"):
-        lm.generate([long], max_length=24, **kw)
-    cut = lm.generate([long], max_length=24, truncate=True, **kw)
-    assert cut == lm.generate([[2, *long[-15:]]], **kw)
+        lm.generate([long], max_length=100, **kw)
+    cut = lm.generate([long], max_length=100, truncate=True, **kw)
+    assert cut == lm.generate([[2, *long[-59:]]], **kw)
