@@ -162,6 +162,8 @@ FRESH_PROCESS = textwrap.dedent("""
         "xla_on": xla_on,
         "signatures": sorted(model.signatures),
         "greedy": run(prompts),
+        # The restored tf.function applies the defaults (the Python signature loader does not).
+        "defaults": model.generate(tf.constant(prompts))["token_ids"].numpy().tolist(),
         # Per-prompt settings that all leave only the argmax: top-k 1, a tiny top-p, greedy.
         "restricted": run(prompts, temperature=[1.5, 1.5, 0.0], top_k=[1, 0, 0],
                           top_p=[1.0, 1e-6, 1.0], seed=[1, 2, 3]),
@@ -222,6 +224,7 @@ def test_fresh_process_imports_no_project_code(fresh):
 def test_fresh_process_greedy_completions_match_keras(fresh, expected):
     assert [_trim(row) for row in fresh["greedy"]["ids"]] == expected["ids"]
     assert fresh["greedy"]["text"] == expected["text"]
+    assert fresh["defaults"] == fresh["greedy"]["ids"]  # default max_new_tokens = MAX_NEW
 
 
 def test_fresh_process_sampling(fresh):

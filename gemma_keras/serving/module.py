@@ -14,7 +14,7 @@ import tensorflow_text as tf_text
 from gemma_keras.serving.core_ops import core_tf_slice_update
 from gemma_keras.serving.sampling import next_token
 from gemma_keras.tokenizer import (BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID,
-                                   START_OF_TURN_ID)
+                                   START_OF_TURN_ID, GemmaTokenizer)
 
 STOP_IDS = (EOS_ID, END_OF_TURN_ID)
 SKIPPED_IN_TEXT = (PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID)
@@ -76,6 +76,7 @@ class GemmaServingModule(tf.Module):
         self.tokenizer_asset = tf.saved_model.Asset(str(tokenizer_path))
         with open(tokenizer_path, "rb") as f:
             self.tokenizer = tf_text.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
+        self.text_vocab_size = GemmaTokenizer(tokenizer_path).vocab_size
         self.max_length = int(max_length)
         self.vocab_size = int(model.config.vocab_size)
 
@@ -118,7 +119,10 @@ class GemmaServingModule(tf.Module):
         return _left_pad(tf.concat([bos, ids], axis=1))
 
     def _decode(self, token_ids):
+        """Text of generated ids, without special tokens (nor ids the tokenizer lacks, for a
+        model whose embedding is padded beyond the tokenizer's vocabulary)."""
         keep = tf.reduce_all(token_ids[..., None] != tf.constant(SKIPPED_IN_TEXT), axis=-1)
+        keep &= token_ids < self.text_vocab_size
         return self.tokenizer.detokenize(tf.ragged.boolean_mask(token_ids, keep))
 
     # -------------------------------------------------------------------- generate
