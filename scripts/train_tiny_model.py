@@ -9,7 +9,8 @@ decoding that equals exact-match accuracy).
 
     .venv/bin/python scripts/train_tiny_model.py --out gemma_keras/assets/tiny
 
-About 10 minutes on 2 CPU cores.
+About 8 minutes on 2 CPU cores (the task is learned after ~300 steps; the rest
+widens the margins so that quantized exports keep the answers).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gemma_keras/assets/tiny")
     p.add_argument("--examples", type=int, default=100_000)
-    p.add_argument("--steps", type=int, default=3000, help="most optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--eval-every", type=int, default=150, help="steps between checks")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -79,7 +80,7 @@ def main(argv=None):
     train = encode_records(tiny_task.training_examples(args.examples, seed=args.seed),
                            tokenizer, sequence_length=32)
     held_out = encode_records(tiny_task.held_out_examples(), tokenizer, sequence_length=32)
-    # Early stopping looks at a validation set of its own, not at the held-out prompts.
+    # Progress is reported on a validation set of its own, not on the held-out prompts.
     validation = encode_records(
         tiny_task.random_examples(500, seed=20_000, exclude={
             e["prompt"] for e in tiny_task.held_out_examples()}),
@@ -92,18 +93,16 @@ def main(argv=None):
         warmup_steps=steps // 20, alpha=0.02)
     model.compile(optimizer=adamw(model, learning_rate=schedule, weight_decay=0.01))
 
-    class StopWhenLearned(keras.callbacks.Callback):
+    class Report(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             acc = tiny_task.teacher_forced_exact_match(self.model, validation)
             print(f"step {(epoch + 1) * args.eval_every}: loss {logs['loss']:.4f}, "
                   f"validation exact match {acc:.3f} ({time.time() - start:.0f} s)", flush=True)
-            if acc >= 0.995:
-                self.model.stop_training = True
 
     start = time.time()
     model.fit(train.tf_dataset(args.batch_size, seed=args.seed).repeat(),
               steps_per_epoch=args.eval_every, epochs=args.steps // args.eval_every,
-              callbacks=[StopWhenLearned()], verbose=0)
+              callbacks=[Report()], verbose=0)
     accuracy = tiny_task.teacher_forced_exact_match(model, held_out)
     print(f"trained in {time.time() - start:.0f} s; held-out exact match {accuracy:.3f}")
     if accuracy < args.target:
