@@ -1,0 +1,296 @@
+"""Generation speed of the full Gemma 2 2B (random weights) on CPU: gemma-keras against
+keras-hub and transformers, with the memory-bandwidth bound measured in the same run.
+
+Each system runs in its own subprocess, one after another, under a time limit and a
+resident-memory cap (the parent polls /proc and kills a child that exceeds either). Every
+child builds the 2B with random weights, warms up on the same shapes (so compilation is
+excluded), then generates NEW tokens after a PROMPT-token prompt, batch 1, and prints one
+JSON line. The parent prints a Markdown table.
+
+  flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/generate_2b.py
+  .venv/bin/python benchmarks/generate_2b.py --smoke           # a small config, quick check
+  .venv/bin/python benchmarks/generate_2b.py --systems gemma-keras-float32,transformers-float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+PROMPT, NEW = 64, 64
+SYSTEMS = {
+    # name: (time limit s, new tokens (None = NEW), weight bytes per parameter)
+    "gemma-keras-float32": (900, None, 4),
+    "gemma-keras-bfloat16": (600, 8, 2),
+    "gemma-keras-int8": (600, 8, 1),
+    "keras-hub-float32": (600, None, 4),
+    "transformers-float32": (600, None, 4),
+}
+SMOKE_CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=64, query_pre_attn_scalar=64, sliding_window=32)
+
+
+# ------------------------------------------------------------------ measurement helpers
+def read_bandwidth(gib=2.0, threads=2, repeats=5):
+    """Streaming-read bandwidth in bytes/s: the best of `repeats` sums over a large float32
+    array, split across `threads` (NumPy releases the GIL in the reduction)."""
+    data = np.ones(int(gib * 2**30 // 4), np.float32)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gemma_config(smoke):
+    from gemma_keras.config import Gemma2Config
+
+    return Gemma2Config(**SMOKE_CONFIG) if smoke else Gemma2Config.preset("gemma2_2b")
+
+
+def prompt_ids(config):
+    rng = np.random.default_rng(0)
+    return [config.bos_token_id, *rng.integers(3, config.vocab_size, PROMPT - 1).tolist()]
+
+
+# ----------------------------------------------------------------------------- systems
+def run_gemma_keras(dtype, new, smoke):
+    import keras
+
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.generation import generate_ids
+
+    config = gemma_config(smoke)
+    keras.utils.set_random_seed(0)
+    t = time.perf_counter()
+    lm = Gemma2CausalLM(config, dtype="float32" if dtype == "int8" else dtype)
+    if dtype == "int8":
+        lm.quantize("int8")
+    build = time.perf_counter() - t
+    prompt = prompt_ids(config)
+
+    def timed(max_new):
+        times, t0 = [], time.perf_counter()
+        for _ in generate_ids(lm, [prompt], max_new_tokens=max_new, stop_token_ids=()):
+            times.append(time.perf_counter() - t0)
+        return times
+
+    t = time.perf_counter()
+    timed(2)  # compiles the prefill chunk and the decode step at the measured shapes
+    warmup = time.perf_counter() - t
+    times = timed(new)
+    return dict(build_s=build, warmup_s=warmup, prefill_s=times[0],
+                decode_s=times[-1] - times[0], decode_tokens=len(times) - 1)
+
+
+def run_keras_hub(new, smoke):
+    import keras
+    import keras_hub
+
+    config = gemma_config(smoke)
+    keras.utils.set_random_seed(0)
+    t = time.perf_counter()
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=config.vocab_size, num_layers=config.num_hidden_layers,
+        num_query_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, hidden_dim=config.hidden_size,
+        intermediate_dim=2 * config.intermediate_size, head_dim=config.head_dim,
+        query_head_dim_normalize=config.query_pre_attn_scalar == config.head_dim,
+        use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=config.attn_logit_softcapping,
+        final_logit_soft_cap=config.final_logit_softcapping,
+        use_sliding_window_attention=True, sliding_window_size=config.sliding_window,
+        layer_norm_epsilon=config.rms_norm_eps, dtype="float32",
+    )
+    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    build = time.perf_counter() - t
+    total = PROMPT + new
+    token_ids = np.zeros((1, total), np.int32)
+    token_ids[0, :PROMPT] = prompt_ids(config)
+    mask = np.zeros((1, total), bool)
+    mask[0, :PROMPT] = True
+    inputs = {"token_ids": token_ids, "padding_mask": mask}
+
+    t = time.perf_counter()
+    lm.generate(inputs, stop_token_ids=None)  # traces keras-hub's generate function
+    warmup = time.perf_counter() - t
+    t = time.perf_counter()
+    lm._build_cache(token_ids)  # keras-hub's prefill: the whole padded length in one pass
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    lm.generate(inputs, stop_token_ids=None)
+    generate = time.perf_counter() - t
+    return dict(build_s=build, warmup_s=warmup, prefill_s=prefill,
+                decode_s=generate - prefill, decode_tokens=new - 1,
+                params=backbone.count_params())
+
+
+def run_transformers(new, smoke):
+    import torch
+    import transformers
+
+    config = gemma_config(smoke)
+    hf_config = transformers.Gemma2Config(**config.to_hf_dict(), attn_implementation="eager")
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.device("meta"):
+        model = transformers.Gemma2ForCausalLM(hf_config)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.tie_weights()
+    build = time.perf_counter() - t
+    prompt = torch.tensor([prompt_ids(config)])
+
+    def timed(max_new):
+        times, t0 = [], time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t0)
+            for _ in range(max_new - 1):
+                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                times.append(time.perf_counter() - t0)
+        return times
+
+    t = time.perf_counter()
+    timed(2)
+    warmup = time.perf_counter() - t
+    times = timed(new)
+    return dict(build_s=build, warmup_s=warmup, prefill_s=times[0],
+                decode_s=times[-1] - times[0], decode_tokens=len(times) - 1,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def child(system, smoke):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _, new, _ = SYSTEMS[system]
+    new = NEW if new is None else new
+    if system.startswith("gemma-keras"):
+        result = run_gemma_keras(system.rsplit("-", 1)[1], new, smoke)
+    elif system.startswith("keras-hub"):
+        result = run_keras_hub(new, smoke)
+    else:
+        result = run_transformers(new, smoke)
+    result["peak_rss"] = peak_rss_bytes()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------ parent
+def rss_of(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_system(system, smoke, rss_cap):
+    limit = SYSTEMS[system][0]
+    cmd = [sys.executable, __file__, "--child", system] + (["--smoke"] if smoke else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    err = []
+    err_reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    err_reader.start()
+    start, peak, status = time.perf_counter(), 0, None
+    while proc.poll() is None:
+        peak = max(peak, rss_of(proc.pid))
+        if peak > rss_cap:
+            status = f"killed: resident memory passed the {rss_cap / 2**30:.0f} GiB cap"
+        elif time.perf_counter() - start > limit:
+            status = f"killed: over the {limit} s time limit"
+        if status:
+            proc.kill()
+            break
+        time.sleep(0.2)
+    proc.wait()
+    reader.join(5)
+    err_reader.join(5)
+    elapsed = time.perf_counter() - start
+    lines = [l for l in out if l.startswith("RESULT ")]
+    if lines and not status:
+        result = json.loads(lines[-1][7:])
+        result["status"] = "ok"
+    else:
+        tail = "".join(err[-3:]).strip().replace("\n", " | ")[-300:]
+        result = {"status": status or f"failed (exit {proc.returncode}): {tail}"}
+    result["wall_s"] = elapsed
+    result["peak_rss"] = max(result.get("peak_rss", 0), peak)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a small config (a quick check)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    parser.add_argument("--rss-cap-gib", type=float, default=18.0,
+                        help="kill a system whose resident memory passes this (default 18)")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.smoke)
+
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    params = gemma_config(args.smoke).num_parameters()
+    bandwidth = read_bandwidth(0.25 if args.smoke else 2.0)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+          f"{'smoke config' if args.smoke else 'Gemma 2 2B'} ({params:,} parameters), "
+          f"prompt {PROMPT} tokens, batch 1; streaming read {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
+    header = ("| system | new tokens | prefill tok/s | decode tok/s | bound tok/s | of bound "
+              "| peak RSS GB | RSS / weights | warmup s | status |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for system in systems:
+        result = run_system(system, args.smoke, args.rss_cap_gib * 2**30)
+        weight_bytes = params * SYSTEMS[system][2]
+        bound = bandwidth / weight_bytes
+        rss = result["peak_rss"] / 1e9
+        if result["status"] == "ok":
+            prefill = PROMPT / result["prefill_s"]
+            decode = result["decode_tokens"] / result["decode_s"]
+            cells = [str(result["decode_tokens"] + 1), f"{prefill:.2f}", f"{decode:.3f}",
+                     f"{bound:.2f}", f"{decode / bound:.0%}", f"{rss:.1f}",
+                     f"{result['peak_rss'] / weight_bytes:.2f}", f"{result['warmup_s']:.0f}",
+                     "ok"]
+        else:
+            cells = ["-", "-", "-", f"{bound:.2f}", "-", f"{rss:.1f}", "-", "-",
+                     result["status"] + f" after {result['wall_s']:.0f} s"]
+        print(f"| {system} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
