@@ -9,15 +9,11 @@ Signatures (all TensorFlow + tensorflow-text ops, no XLA):
 from __future__ import annotations
 
 import tensorflow as tf
-import tensorflow_text as tf_text
 
-from gemma_keras.serving.core_ops import core_tf_slice_update
 from gemma_keras.serving.sampling import next_token
-from gemma_keras.tokenizer import (BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID,
-                                   START_OF_TURN_ID, GemmaTokenizer)
+from gemma_keras.tokenizer import END_OF_TURN_ID, EOS_ID, PAD_ID, GemmaTokenizer
 
 STOP_IDS = (EOS_ID, END_OF_TURN_ID)
-SKIPPED_IN_TEXT = (PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID)
 
 
 def _check(condition, template, *values):
@@ -71,12 +67,13 @@ class GemmaServingModule(tf.Module):
         # variables are (below), and the traced functions capture them.
         object.__setattr__(self, "_model", model)
         self.model_variables = [v.value for v in model.variables]
-        # tensorflow-text's SentencepieceOp takes the model proto as an attribute, so the
-        # graph holds a copy of it; assets/tokenizer.model is the same file, for clients.
+        # In-graph (de)tokenization is GemmaTokenizer's tf_encode/tf_decode; the tracked
+        # tensorflow-text tokenizer is saved with the model. Its SentencepieceOp takes the
+        # model proto as an attribute, so the graph holds a copy of it;
+        # assets/tokenizer.model is the same file, for clients.
+        object.__setattr__(self, "_tokenizer", GemmaTokenizer(tokenizer_path))
+        self.tokenizer = self._tokenizer.tf_tokenizer
         self.tokenizer_asset = tf.saved_model.Asset(str(tokenizer_path))
-        with open(tokenizer_path, "rb") as f:
-            self.tokenizer = tf_text.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
-        self.text_vocab_size = GemmaTokenizer(tokenizer_path).vocab_size
         self.max_length = int(max_length)
         self.vocab_size = int(model.config.vocab_size)
 
@@ -91,17 +88,19 @@ class GemmaServingModule(tf.Module):
         def score(token_ids):
             return self._score(token_ids)
 
-        self.generate = tf.function(generate, jit_compile=False, autograph=False, input_signature=[
+        generate_inputs = [
             tf.TensorSpec([None], tf.string, name="prompts"),
-            tf.TensorSpec(None, tf.int32, name="max_new_tokens"),
+            tf.TensorSpec(None, tf.int32, name="max_new_tokens"),  # scalar or [batch]
             tf.TensorSpec(None, tf.float32, name="temperature"),
             tf.TensorSpec(None, tf.int32, name="top_k"),
             tf.TensorSpec(None, tf.float32, name="top_p"),
             tf.TensorSpec(None, tf.int64, name="seed"),
-        ])
-        self.score = tf.function(score, jit_compile=False, autograph=False, input_signature=[
-            tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-        ])
+        ]
+        score_inputs = [tf.TensorSpec([None, None], tf.int32, name="token_ids")]
+        self.generate = tf.function(generate, input_signature=generate_inputs,
+                                    jit_compile=False, autograph=False)
+        self.score = tf.function(score, input_signature=score_inputs,
+                                 jit_compile=False, autograph=False)
 
     def signatures(self):
         """`{"serving_default": ..., "score": ...}` for `tf.saved_model.save`.
@@ -114,16 +113,13 @@ class GemmaServingModule(tf.Module):
 
     # ------------------------------------------------------------------ text in/out
     def _encode(self, prompts):
-        ids = self.tokenizer.tokenize(prompts)
-        bos = tf.fill([ids.nrows(), 1], tf.constant(BOS_ID, tf.int32))
-        return _left_pad(tf.concat([bos, ids], axis=1))
+        return _left_pad(self._tokenizer.tf_encode(prompts))  # <bos> first
 
     def _decode(self, token_ids):
         """Text of generated ids, without special tokens (nor ids the tokenizer lacks, for a
         model whose embedding is padded beyond the tokenizer's vocabulary)."""
-        keep = tf.reduce_all(token_ids[..., None] != tf.constant(SKIPPED_IN_TEXT), axis=-1)
-        keep &= token_ids < self.text_vocab_size
-        return self.tokenizer.detokenize(tf.ragged.boolean_mask(token_ids, keep))
+        known = tf.ragged.boolean_mask(token_ids, token_ids < self._tokenizer.vocab_size)
+        return self._tokenizer.tf_decode(known)
 
     # -------------------------------------------------------------------- generate
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
