@@ -65,9 +65,14 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
     """
     import tensorflow as tf
 
-    from gemma_keras.serving.core_ops import core_tf_slice_update
+    from gemma_keras.serving.core_ops import core_tf_slice_update, require_tensorflow_backend
     from gemma_keras.serving.module import GemmaServingModule
 
+    from gemma_keras.causal_lm import Gemma2CausalLM
+
+    if not isinstance(model, Gemma2CausalLM):
+        raise TypeError(f"export_saved_model takes a Gemma2CausalLM, got {type(model).__name__}")
+    require_tensorflow_backend()
     base = Path(base_dir)
     version = next_version(base) if version is None else version
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:

@@ -403,6 +403,8 @@ def test_export_refuses_bad_arguments(tiny_lm, export_dir, tmp_path):
     base = export_dir.parent
     assert next_version(base) == VERSION + 1
     assert next_version(tmp_path / "missing") == 1
+    with pytest.raises(TypeError, match="takes a Gemma2CausalLM, got Gemma2Backbone"):
+        export_saved_model(tiny_lm.backbone, tmp_path, version=1)
     with pytest.raises(FileExistsError, match=f"{VERSION} already exists"):
         export_saved_model(tiny_lm, base, version=VERSION)
     for version in (0, -1, "2", 1.5, True):

@@ -24,9 +24,8 @@ def strided_slice_update(inputs, start_indices, updates):
     )
 
 
-@contextlib.contextmanager
-def core_tf_slice_update():
-    """Within the block, `keras.ops.slice_update` traces to `TensorStridedSliceUpdate`."""
+def require_tensorflow_backend():
+    """Raise RuntimeError unless Keras runs on TensorFlow (the export traces the model)."""
     import keras
 
     if keras.backend.backend() != "tensorflow":
@@ -34,6 +33,12 @@ def core_tf_slice_update():
             "the SavedModel export needs the TensorFlow backend: set KERAS_BACKEND=tensorflow "
             f"before importing keras (current backend: {keras.backend.backend()})"
         )
+
+
+@contextlib.contextmanager
+def core_tf_slice_update():
+    """Within the block, `keras.ops.slice_update` traces to `TensorStridedSliceUpdate`."""
+    require_tensorflow_backend()
     from keras.src.backend.tensorflow import core as tf_core
 
     original = tf_core.slice_update
