@@ -1,5 +1,10 @@
 """Cached generation against transformers' greedy `generate` and the model's full forward."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -31,8 +36,13 @@ def hf_varied():
 
 
 @pytest.fixture(scope="module")
-def lm(hf_varied, tmp_path_factory, tiny_tokenizer):
-    model = load_hf_checkpoint(save_hf_checkpoint_dir(hf_varied, tmp_path_factory.mktemp("g")))
+def varied_checkpoint(hf_varied, tmp_path_factory):
+    return save_hf_checkpoint_dir(hf_varied, tmp_path_factory.mktemp("varied"))
+
+
+@pytest.fixture(scope="module")
+def lm(varied_checkpoint, tiny_tokenizer):
+    model = load_hf_checkpoint(varied_checkpoint)
     model.tokenizer = tiny_tokenizer
     return model
 
@@ -54,6 +64,29 @@ def test_greedy_32_tokens_identical_to_transformers(lm, hf_varied):
     ref = hf_greedy(hf_varied, PROMPTS, 32)
     assert [len(set(r)) > 8 for r in ref] == [True] * 3  # the reference is not degenerate
     assert ours == ref
+
+
+JAX_SCRIPT = """
+import json, sys
+from gemma_keras.converters import load_hf_checkpoint
+from gemma_keras.generation import get_generator
+lm = load_hf_checkpoint(sys.argv[1])
+out = lm.generate(json.loads(sys.argv[2]), max_new_tokens=32, stop_token_ids=())
+print(json.dumps([out, list(get_generator(lm).trace_counts.values())]))
+"""
+
+
+def test_greedy_on_jax_identical_to_transformers(varied_checkpoint, hf_varied):
+    """The same generation under jax.jit (a subprocess with KERAS_BACKEND=jax)."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT, str(varied_checkpoint), json.dumps(PROMPTS)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours, traces = json.loads(result.stdout.strip().splitlines()[-1])
+    assert ours == hf_greedy(hf_varied, PROMPTS, 32)
+    assert traces == [1, 1]  # one prefill chunk function, one decode step
 
 
 def test_per_sequence_stop_matches_transformers(lm, hf_varied):
