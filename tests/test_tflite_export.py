@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY_HF_CONFIG
 
-VOCAB = 16384
+VOCAB = 32768
 CONFIG = {**TINY_HF_CONFIG, "model_type": "gemma2", "vocab_size": VOCAB, "hidden_size": 128,
           "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24}
@@ -22,11 +22,12 @@ CACHE_LEN = 48
 PREFILL_LENS = (4, 8)
 QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "weight_only_int8", "int4_block32",
                  "int4_block128")
-# Max |logit error| against Keras float32, measured on this model (logits are soft-capped to
-# +-2) and rounded up about 2x: fp32 3e-6, fp16 2e-3, dynamic int8 0.05, weight-only int8 0.03,
-# int4 block32 0.35, int4 block128 0.45.
-LOGIT_BOUNDS = {"none": 1e-4, "fp16": 5e-3, "dynamic_int8": 0.1, "weight_only_int8": 0.06,
-                "int4_block32": 0.7, "int4_block128": 0.9}
+# Logit error against Keras float32 as RMS error / std of the Keras logits, measured on this
+# model (vocab 16384: fp16 9e-4, dynamic int8 0.039, weight-only int8 0.023, int4 block32
+# 0.31, block128 0.39; random Gaussian weights are hard on int4) with about 1.5x margin.
+# float32 is held to the design's 1e-4 absolute instead.
+RELATIVE_RMS_BOUNDS = {"fp16": 2e-3, "dynamic_int8": 0.06, "weight_only_int8": 0.035,
+                       "int4_block32": 0.5, "int4_block128": 0.6}
 
 
 def random_keras_lm(config, seed=0):
@@ -130,7 +131,8 @@ def test_one_embedding_copy_and_size(exported, keras_lm, quantize):
 @pytest.mark.parametrize("quantize", QUANTIZATIONS)
 def test_decode_logits_match_keras(exported, prompt_and_reference, quantize):
     """Prefill the first 3 tokens, then decode one token at a time: the logits after each
-    token match the Keras forward pass (finite; fp32 within 1e-4)."""
+    token are finite and match the Keras forward pass (fp32 within 1e-4 absolute, quantized
+    within the measured relative bounds)."""
     from gemma_keras.tflite import GemmaTFLite
 
     ids, reference = prompt_and_reference
@@ -138,9 +140,15 @@ def test_decode_logits_match_keras(exported, prompt_and_reference, quantize):
     logits = [runtime.start(ids[:3])] + [runtime.step(t) for t in ids[3:]]
     logits = np.stack(logits)
     assert np.isfinite(logits).all(), f"{quantize} produced non-finite logits"
-    error = np.abs(logits - reference[2:]).max()
-    print(f"{quantize}: max |logit error| {error:.2e} (bound {LOGIT_BOUNDS[quantize]:.0e})")
-    assert error < LOGIT_BOUNDS[quantize]
+    error = np.abs(logits - reference[2:])
+    relative = np.sqrt(np.mean(error**2)) / reference[2:].std()
+    agree = np.mean(logits.argmax(-1) == reference[2:].argmax(-1))
+    print(f"{quantize}: max |logit error| {error.max():.2e}, RMS error / logit std "
+          f"{relative:.2e}, top-1 agreement {agree:.2f}")
+    if quantize == "none":
+        assert error.max() < 1e-4
+    else:
+        assert relative < RELATIVE_RMS_BOUNDS[quantize]
 
 
 def test_chunked_prefill_matches_keras(exported, prompt_and_reference):
@@ -174,7 +182,7 @@ def test_export_rejects_bad_arguments(keras_lm, tmp_path):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         export_tflite(keras_lm, tmp_path / "x.tflite", kv_cache_max_len=4096)
     small = random_keras_lm({**CONFIG, "hidden_size": 48, "intermediate_size": 80})
-    with pytest.raises(ValueError, match="hidden_size = 48 is not a multiple of 32"):
+    with pytest.raises(ValueError, match=r"not multiples of 32: hidden_size = 48, intermediate_size = 80"):
         export_tflite(small, tmp_path / "x.tflite", quantize="int4_block32",
                       kv_cache_max_len=16, prefill_lens=(4,))
     assert not list(tmp_path.iterdir()), "a refused export left files behind"

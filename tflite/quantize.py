@@ -118,4 +118,4 @@ def check_block_sizes(config, quantize):
     if bad:
         detail = ", ".join(f"{name} = {n}" for name, n in bad.items())
         raise ValueError(f"quantize={quantize!r} splits each weight row into blocks of {block}, "
-                         f"but {detail} is not a multiple of {block}")
+                         f"but these are not multiples of {block}: {detail}")
