@@ -62,6 +62,8 @@ def _load_model(model):
 
 
 def _check_lengths(config, kv_cache_max_len, prefill_lens):
+    if kv_cache_max_len is None:
+        kv_cache_max_len = min(DEFAULT_KV_CACHE_MAX_LEN, config.max_position_embeddings)
     if int(kv_cache_max_len) < 2:
         raise ValueError(f"kv_cache_max_len must be at least 2, got {kv_cache_max_len}")
     if kv_cache_max_len > config.max_position_embeddings:
@@ -211,7 +213,7 @@ def _convert(saved_model_dir, signature_keys, quantize):
     return converter.convert()
 
 
-def export_tflite(model, out, quantize="none", kv_cache_max_len=DEFAULT_KV_CACHE_MAX_LEN,
+def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
                   prefill_lens=DEFAULT_PREFILL_LENS, progress=True):
     """Export `model` (a `Gemma2CausalLM` or a model directory) to the `.tflite` file `out`.
 
@@ -219,7 +221,8 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=DEFAULT_KV_CACHE
       quantize: one of `gemma_keras.tflite.QUANTIZATIONS`: "none" (float32), "fp16",
         "dynamic_int8" (TensorFlow's converter), "weight_only_int8", "int4_block32",
         "int4_block128" (ai-edge-quantizer on the float32 file).
-      kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S.
+      kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S. Default:
+        1024, or the model's max_position_embeddings if smaller.
       prefill_lens: one `prefill_<T>` signature per length T.
     Returns the output path. The file is written under a temporary name and renamed when
     complete.
@@ -232,7 +235,7 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=DEFAULT_KV_CACHE
                                   progress)[quantize]
 
 
-def export_tflite_variants(model, outputs, kv_cache_max_len=DEFAULT_KV_CACHE_MAX_LEN,
+def export_tflite_variants(model, outputs, kv_cache_max_len=None,
                            prefill_lens=DEFAULT_PREFILL_LENS, progress=True):
     """Export several quantizations of one model, tracing it once.
 

@@ -39,9 +39,9 @@ def register(subparsers):
                    help="none (float32); fp16 and dynamic_int8 (TensorFlow's converter); "
                         "weight_only_int8, int4_block32, int4_block128 (ai-edge-quantizer). "
                         "Default: none")
-    p.add_argument("--kv-cache-max-len", type=int, default=1024, metavar="N",
+    p.add_argument("--kv-cache-max-len", type=int, default=None, metavar="N",
                    help="cache slots: the most tokens (prompt + generated) per conversation "
-                        "(default 1024)")
+                        "(default 1024, or the model's max_position_embeddings if smaller)")
     p.add_argument("--prefill-lens", type=parse_lengths, default=parse_lengths(
         DEFAULT_PREFILL_LENS), metavar="T,T,...",
         help=f"one prefill signature per length (default {DEFAULT_PREFILL_LENS})")
@@ -75,7 +75,7 @@ def run(args):
                   kv_cache_max_len=args.kv_cache_max_len, prefill_lens=args.prefill_lens,
                   progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, quantize={args.quantize}, "
-          f"cache {args.kv_cache_max_len}, prefill {','.join(map(str, args.prefill_lens))})")
+          f"prefill {','.join(map(str, args.prefill_lens))})")
     tokenizer, beside = model_dir / "tokenizer.model", out.parent / "tokenizer.model"
     if tokenizer.is_file() and not beside.exists():
         shutil.copyfile(tokenizer, beside)
