@@ -5,6 +5,11 @@
     model.weights.json    Keras' sharded index with model_00000.weights.h5, model_00001...
     tokenizer.model       the SentencePiece model, when the source had one
     metadata.json         format, source, dtype, parameter count, tensors, bytes
+
+The weights are a plain Keras weights file (`model.load_weights` reads it), but the token
+embedding (1.2 GB in bfloat16 at 2B) does not go through Keras' own saving and loading, which
+copy a variable two or three times on the way: it is written and read here, in blocks of rows,
+at the path where Keras puts it.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import json
 import time
 from pathlib import Path
 
+import h5py
 import keras
 
 import gemma_keras
 from gemma_keras.config import Gemma2Config
 from gemma_keras.converters.files import atomic_directory, attach_tokenizer, copy_tokenizer
 from gemma_keras.converters.safetensors_io import CheckpointError
-from gemma_keras.converters.streaming import empty_causal_lm
+from gemma_keras.converters.streaming import (assign_rows, empty_causal_lm, rows_per_block,
+                                              variable_rows)
 
 FORMAT = "gemma-keras"
 FORMAT_VERSION = 1
@@ -27,6 +34,8 @@ METADATA_NAME = "metadata.json"
 SINGLE_WEIGHTS = "model.weights.h5"
 SHARDED_WEIGHTS = "model.weights.json"
 MAX_SHARD_BYTES = 2 * 10**9  # Keras .weights.h5 shards
+# Where Keras' weights file keeps the embedding (the attribute path model.backbone.embed_tokens).
+EMBEDDING_GROUP = "backbone/embed_tokens"
 
 
 def weights_summary(model) -> dict:
@@ -54,14 +63,18 @@ def _itemsize(dtype) -> int:
 def write_model_dir(model, directory, source=None, tokenizer_path=None,
                     max_shard_bytes=MAX_SHARD_BYTES) -> dict:
     """Write `model` into the existing, empty `directory`; return the metadata written."""
+    from keras.src.saving import saving_lib  # save_weights with objects_to_skip
+
     directory = Path(directory)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **weights_summary(model)}
-    if metadata["bytes"] > max_shard_bytes:
-        weights = SHARDED_WEIGHTS
-        model.save_weights(directory / weights, max_shard_size=max_shard_bytes / 1024**3)
-    else:
-        weights = SINGLE_WEIGHTS
-        model.save_weights(directory / weights)
+    embedding = model.backbone.embed_tokens
+    sharded = metadata["bytes"] > max_shard_bytes
+    weights = SHARDED_WEIGHTS if sharded else SINGLE_WEIGHTS
+    saving_lib.save_weights_only(
+        model, directory / weights,
+        max_shard_size=max_shard_bytes / 1024**3 if sharded else None,
+        objects_to_skip=[embedding])
+    _write_embedding(embedding, directory, weights)
     (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     has_tokenizer = copy_tokenizer(tokenizer_path, directory)
     metadata.update(
@@ -74,6 +87,61 @@ def write_model_dir(model, directory, source=None, tokenizer_path=None,
     )
     (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
+
+
+def _embedding_file(directory: Path, weights: str, new_bytes=None) -> Path:
+    """The .weights.h5 file that holds the embedding; with `new_bytes`, add a shard for it
+    to a sharded index."""
+    if weights == SINGLE_WEIGHTS:
+        return directory / weights
+    index_path = directory / weights
+    index = json.loads(index_path.read_text())
+    key = f"/{EMBEDDING_GROUP}/vars"
+    if new_bytes is not None:  # a shard of its own, named as Keras names the next one
+        count = len(set(index["weight_map"].values()))
+        index["weight_map"][key] = f"model_{count:05d}.weights.h5"
+        index["metadata"]["total_size"] += new_bytes
+        index_path.write_text(json.dumps(index, indent=4))
+    if key not in index["weight_map"]:
+        raise CheckpointError(f"{index_path}: no entry for the embedding ({key})")
+    return directory / index["weight_map"][key]
+
+
+def _write_embedding(layer, directory: Path, weights: str):
+    variable = layer.embeddings
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    path = _embedding_file(directory, weights, new_bytes=_size(variable) * _itemsize(dtype))
+    with h5py.File(path, "a") as f:
+        group = f.require_group(EMBEDDING_GROUP).create_group("vars")
+        group.attrs["name"] = layer.name
+        sample = variable_rows(variable, 0, 1)
+        dataset = group.create_dataset("0", shape=tuple(variable.shape), dtype=sample.dtype)
+        if dtype == "bfloat16":
+            dataset.attrs["dtype"] = "bfloat16"  # as Keras marks it
+        rows = rows_per_block(variable.shape, sample.itemsize)
+        for start in range(0, variable.shape[0], rows):
+            stop = min(start + rows, variable.shape[0])
+            dataset[start:stop] = variable_rows(variable, start, stop)
+
+
+def _read_embedding(layer, directory: Path, weights: str):
+    variable = layer.embeddings
+    path = _embedding_file(directory, weights)
+    with h5py.File(path, "r") as f:
+        dataset = f.get(f"{EMBEDDING_GROUP}/vars/0")
+        if dataset is None or tuple(dataset.shape) != tuple(variable.shape):
+            found = None if dataset is None else tuple(dataset.shape)
+            raise CheckpointError(f"{path}: embedding {EMBEDDING_GROUP}/vars/0 has shape "
+                                  f"{found}, expected {tuple(variable.shape)}")
+        bfloat16 = dataset.attrs.get("dtype") == "bfloat16"
+        rows = rows_per_block(variable.shape, dataset.dtype.itemsize)
+        for start in range(0, variable.shape[0], rows):
+            block = dataset[start:min(start + rows, variable.shape[0])]
+            if bfloat16:
+                import ml_dtypes
+
+                block = block.view(ml_dtypes.bfloat16)
+            assign_rows(variable, start, block)
 
 
 def save_model_dir(model, out_dir, source=None, tokenizer_path=None,
@@ -116,8 +184,10 @@ def load_model_dir(directory, dtype=None):
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {weights.name} is missing")
     model = empty_causal_lm(config, dtype=dtype or metadata.get("dtype", "float32"))
+    embedding = model.backbone.embed_tokens
     try:
-        model.load_weights(weights)
+        model.load_weights(weights, objects_to_skip=[embedding])
+        _read_embedding(embedding, directory, weights.name)
     except (OSError, KeyError) as e:  # h5py: truncated or corrupt file, missing dataset
         raise CheckpointError(f"{weights}: cannot read Keras weights ({e})") from None
     return attach_tokenizer(model, directory)

@@ -183,6 +183,18 @@ def test_keras_weights_shard_where_large(hf_dir, tmp_path, padded_batch):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
+@pytest.mark.parametrize("weights", ["model.weights.h5", "model.weights.json"])
+def test_keras_dir_weights_are_a_plain_keras_weights_file(hf_dir, tmp_path, weights):
+    """The embedding is written outside Keras' saver (in row blocks) at Keras' own path, so
+    `model.load_weights` reads the file like any other, sharded or not."""
+    shard = 150_000 if weights.endswith("json") else 10**9
+    convert.convert_hf_to_keras(hf_dir, tmp_path / "k", max_shard_bytes=shard)
+    model = streaming.empty_causal_lm(load_hf_checkpoint(hf_dir).config)
+    model.load_weights(tmp_path / "k" / weights)
+    for x, y in zip(model.weights, load_hf_checkpoint(hf_dir).weights):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
 def test_from_pretrained_dtype_override(hf_bf16_dir, tmp_path):
     convert.convert_hf_to_keras(hf_bf16_dir, tmp_path / "k")
     assert Gemma2CausalLM.from_pretrained(tmp_path / "k").dtype_policy.name == "bfloat16"

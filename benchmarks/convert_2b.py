@@ -1,0 +1,166 @@
+"""Convert a random full-size Gemma 2 2B bfloat16 checkpoint HF -> Keras -> HF; print a table.
+
+Each phase runs in its own process so its peak resident memory (VmHWM) is its own:
+  write     a random bfloat16 HF checkpoint (5.2 GB, two safetensors shards), written tensor
+            by tensor in blocks with the converters' streaming writer (no torch)
+  to_keras  `convert_hf_to_keras(..., dtype="bfloat16")` (what `gemma-keras convert` runs)
+  to_hf     `convert_keras_to_hf(...)` back to bfloat16 safetensors
+  compare   every tensor of the round trip against the source, bit for bit, one at a time
+
+Run alone (it needs ~8 GB and ~16 GB of disk):
+    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/convert_2b.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+PRESET = "gemma2_2b"
+DTYPE = "bfloat16"
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def phase_write(work):
+    """A random bfloat16 checkpoint, streamed block by block."""
+    import ml_dtypes
+    import numpy as np
+
+    from gemma_keras.config import Gemma2Config
+    from gemma_keras.converters.hf_export import hf_config_dict
+    from gemma_keras.converters.safetensors_io import TensorEntry, write_sharded
+    from gemma_keras.converters.streaming import BLOCK_BYTES
+    from gemma_keras.converters.weight_map import weight_specs
+
+    config = Gemma2Config.preset(PRESET)
+    # The table needs a backbone for its shapes; a 1-layer, 8-token one has the same
+    # per-block shapes, so the full-size names and shapes follow from it.
+    small = Gemma2Config(**{**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 256,
+                            "layer_types": None})
+    from gemma_keras.converters.streaming import empty_causal_lm
+
+    specs = weight_specs(empty_causal_lm(small, dtype=DTYPE).backbone)
+    rng = np.random.default_rng(0)
+
+    def random_blocks(shape, std):
+        rows = max(1, BLOCK_BYTES // (2 * int(np.prod(shape[1:], dtype=np.int64))))
+        def blocks():
+            for start in range(0, shape[0], rows):
+                n = min(rows, shape[0] - start)
+                yield (rng.standard_normal((n,) + shape[1:], dtype=np.float32) * std).astype(
+                    ml_dtypes.bfloat16)
+        return blocks
+
+    def entry(name, shape):
+        std = 0.1 if "norm" in name else 0.02
+        return TensorEntry(name, shape, DTYPE, random_blocks(shape, std))
+
+    layer0 = [s for s in specs if s.hf_name.startswith("model.layers.0.")]
+    embed = next(s for s in specs if s.hf_name == "model.embed_tokens.weight")
+    entries = [entry(embed.hf_name, (config.vocab_size,) + embed.hf_shape[1:])]
+    entries += [entry(s.hf_name, s.hf_shape) for s in specs
+                if s not in layer0 and s is not embed]
+    for i in range(config.num_hidden_layers):
+        entries += [entry(s.hf_name.replace("model.layers.0.", f"model.layers.{i}."), s.hf_shape)
+                    for s in layer0]
+    out = os.path.join(work, "hf")
+    os.makedirs(out)
+    write_sharded(out, entries, max_shard_bytes=5 * 10**9)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(hf_config_dict(config, DTYPE), f, indent=2)
+    return {"tensors": len(entries), "bytes": sum(e.nbytes for e in entries)}
+
+
+def phase_to_keras(work):
+    from gemma_keras.converters.convert import convert_hf_to_keras
+
+    s = convert_hf_to_keras(os.path.join(work, "hf"), os.path.join(work, "keras"), dtype=DTYPE)
+    return {"tensors": s.tensors, "bytes": s.bytes, "parameters": s.parameters}
+
+
+def phase_to_hf(work):
+    from gemma_keras.converters.convert import convert_keras_to_hf
+
+    s = convert_keras_to_hf(os.path.join(work, "keras"), os.path.join(work, "hf_back"))
+    return {"tensors": s.tensors, "bytes": s.bytes, "parameters": s.parameters}
+
+
+def phase_compare(work):
+    from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
+
+    a = SafetensorsCheckpoint(os.path.join(work, "hf"))
+    b = SafetensorsCheckpoint(os.path.join(work, "hf_back"))
+    if sorted(a.names) != sorted(b.names):
+        return {"identical": False, "why": "different tensor names"}
+    for name in a.names:
+        if a.read(name).tobytes() != b.read(name).tobytes():
+            return {"identical": False, "why": name}
+    return {"identical": True, "tensors": len(a.names)}
+
+
+PHASES = {"write": phase_write, "to_keras": phase_to_keras, "to_hf": phase_to_hf,
+          "compare": phase_compare}
+
+
+def run_phase(name, work) -> dict:
+    """Run one phase in a fresh interpreter; its last stdout line is a JSON result."""
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--work", work],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"phase {name} failed ({proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=sorted(PHASES))
+    parser.add_argument("--work", help="working directory (default: a new temp dir)")
+    args = parser.parse_args()
+    if args.phase:
+        start = time.perf_counter()
+        result = PHASES[args.phase](args.work)
+        result.update(seconds=time.perf_counter() - start, peak_rss=peak_rss_bytes())
+        print(json.dumps(result))
+        return
+
+    from gemma_keras.config import Gemma2Config
+
+    model_bytes = Gemma2Config.preset(PRESET).num_parameters() * 2
+    work = args.work or tempfile.mkdtemp(prefix="convert_2b.", dir=os.environ.get("TMPDIR"))
+    rows = []
+    try:
+        for name in ("write", "to_keras", "to_hf", "compare"):
+            r = run_phase(name, work)
+            rows.append((name, r))
+            print(f"{name}: {r}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{PRESET}, {DTYPE}, model bytes {model_bytes / 1e9:.2f} GB "
+          f"(target peak RSS < 1.5x = {1.5 * model_bytes / 1e9:.2f} GB)\n")
+    print("| phase | seconds | peak RSS GB | peak / model bytes | result |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in rows:
+        result = ("bit-identical" if r.get("identical") else f"DIFFERENT ({r.get('why')})") \
+            if name == "compare" else f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
+        print(f"| {name} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | "
+              f"{r['peak_rss'] / model_bytes:.2f} | {result} |")
+
+
+if __name__ == "__main__":
+    main()
