@@ -78,13 +78,13 @@ class Generator:
         self.trace_counts[key] = self.trace_counts.get(key, 0) + 1
 
     # ---- compilation per backend
-    def _compile(self, fn, donate_cache=False):
+    def _compile(self, fn):
         if self.backend == "tensorflow":
             import tensorflow as tf
 
             return tf.function(fn, jit_compile=True)
         if self.backend == "jax":
-            return self._jax_compile(fn, donate_cache)
+            return self._jax_compile(fn)
         if self.backend == "torch":
             import torch
 
@@ -95,7 +95,9 @@ class Generator:
             return no_grad
         return fn
 
-    def _jax_compile(self, fn, donate_cache):
+    def _jax_compile(self, fn):
+        """`jax.jit` of `fn` with the model's variables passed in, and the cache (argument 2
+        after the variables) donated so that it is updated in place."""
         import jax
 
         variables = self.model.variables
@@ -104,13 +106,13 @@ class Generator:
             with keras.StatelessScope(state_mapping=list(zip(variables, state))):
                 return fn(*args)
 
-        jitted = jax.jit(stateless, donate_argnums=(2,) if donate_cache else ())
+        jitted = jax.jit(stateless, donate_argnums=(2,))
         return lambda *args: jitted([v.value for v in variables], *args)
 
     def _function(self, token_shape, cache_shape):
         key = (token_shape, cache_shape, self._variables_key)
         if key not in self._compiled:
-            self._compiled[key] = self._compile(self._step_fn(), donate_cache=True)
+            self._compiled[key] = self._compile(self._step_fn())
         return self._compiled[key]
 
     # ---- the two entry points
@@ -120,6 +122,10 @@ class Generator:
         return np.asarray(ops.convert_to_numpy(logits)), cache
 
     def _step(self, token_ids, cache, cache_index, start):
+        slots = cache[0][0].shape[1]
+        if not 0 <= cache_index <= slots - token_ids.shape[1]:
+            raise ValueError(f"{token_ids.shape[1]} token(s) at slot {cache_index} do not fit "
+                             f"a cache of {slots} slots")
         if self._variables_key is None:
             self._refresh()
         fn = self._function(token_ids.shape, tuple(cache[0][0].shape))
