@@ -5,8 +5,10 @@
 - `convert_hf_to_keras` / `convert_keras_to_hf`: directory to directory (`gemma-keras convert`).
 """
 
+from gemma_keras.converters.convert import convert_hf_to_keras, convert_keras_to_hf
 from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
 from gemma_keras.converters.hf_export import save_hf_checkpoint
 from gemma_keras.converters.safetensors_io import CheckpointError
 
-__all__ = ["CheckpointError", "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["CheckpointError", "convert_hf_to_keras", "convert_keras_to_hf",
+           "load_hf_checkpoint", "save_hf_checkpoint"]

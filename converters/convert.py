@@ -26,7 +26,6 @@ from gemma_keras.converters.verify import DEFAULT_ATOL, VerifyResult, verify_con
 from gemma_keras.converters.weight_map import weight_specs
 
 DTYPES = ("float32", "bfloat16", "float16")
-_CODES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 class VerificationError(ValueError):
@@ -76,8 +75,9 @@ def convert_hf_to_keras(src, out_dir, dtype=None, overwrite=False, verify=False,
     src = Path(src)
     config = read_hf_config(src)
     checkpoint = SafetensorsCheckpoint(src)
-    source_dtype = _CODES.get(checkpoint.dtypes.get("model.embed_tokens.weight"), "float32")
-    model = empty_causal_lm(config, dtype=dtype or source_dtype)
+    embedding = "model.embed_tokens.weight"
+    source_dtype = checkpoint.float_dtype(embedding) if embedding in checkpoint.files else None
+    model = empty_causal_lm(config, dtype=dtype or source_dtype or "float32")
     check_hf_checkpoint(checkpoint, weight_specs(model.backbone))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         fill_from_checkpoint(model, checkpoint, progress=progress)

@@ -10,8 +10,6 @@ from gemma_keras.converters.safetensors_io import CheckpointError, SafetensorsCh
 from gemma_keras.converters.streaming import assign_rows, empty_causal_lm, rows_per_block
 from gemma_keras.converters.weight_map import TIED_ALIASES, weight_specs
 
-_FLOAT_CODES = ("F32", "F16", "BF16")
-
 
 def read_hf_config(directory) -> Gemma2Config:
     """The `Gemma2Config` of an HF directory's config.json (model_type must be gemma2)."""
@@ -38,9 +36,9 @@ def check_hf_checkpoint(checkpoint: SafetensorsCheckpoint, specs) -> None:
         shape = checkpoint.shapes[spec.hf_name]
         if shape != spec.hf_shape:
             problems.append(f"{spec.hf_name} has shape {shape}, expected {spec.hf_shape}")
-        if checkpoint.dtypes[spec.hf_name] not in _FLOAT_CODES:
+        if checkpoint.float_dtype(spec.hf_name) is None:
             problems.append(f"{spec.hf_name} has dtype {checkpoint.dtypes[spec.hf_name]}, "
-                            f"expected one of {_FLOAT_CODES}")
+                            "expected F32, BF16 or F16")
     if problems:
         raise CheckpointError(f"{checkpoint.directory}: checkpoint does not match config.json: "
                               + "; ".join(problems))

@@ -22,6 +22,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+FLOAT_DTYPES = {code: name for name, code in _DTYPE_CODES.items()}  # "BF16" -> "bfloat16"
 
 
 class CheckpointError(ValueError):
@@ -88,6 +89,10 @@ class SafetensorsCheckpoint:
     @property
     def names(self) -> list[str]:
         return list(self.files)
+
+    def float_dtype(self, name: str) -> str | None:
+        """"float32", "bfloat16" or "float16" for a float tensor, else None."""
+        return FLOAT_DTYPES.get(self.dtypes[name])
 
     def nbytes(self, name: str) -> int:
         return int(np.prod(self.shapes[name], dtype=np.int64)) * _ITEMSIZE[self.dtypes[name]]

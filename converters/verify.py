@@ -16,7 +16,6 @@ import gc
 import numpy as np
 
 DEFAULT_ATOL = 1e-2  # float32 noise is ~1e-5; a wrong layout is off by whole units
-_CODES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclasses.dataclass
@@ -96,7 +95,7 @@ def verify_conversion(keras_dir, hf_dir, atol=DEFAULT_ATOL, length=16) -> Verify
     from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
 
     keras_dtype = read_metadata(keras_dir)["dtype"]
-    hf_dtype = _CODES[SafetensorsCheckpoint(hf_dir).dtypes["model.embed_tokens.weight"]]
+    hf_dtype = SafetensorsCheckpoint(hf_dir).float_dtype("model.embed_tokens.weight")
     round_to = sorted({keras_dtype, hf_dtype} - {"float32"})
     from gemma_keras.config import Gemma2Config
 
