@@ -186,3 +186,13 @@ def test_export_rejects_bad_arguments(keras_lm, tmp_path):
         export_tflite(small, tmp_path / "x.tflite", quantize="int4_block32",
                       kv_cache_max_len=16, prefill_lens=(4,))
     assert not list(tmp_path.iterdir()), "a refused export left files behind"
+
+
+def test_export_refuses_a_bfloat16_model(tmp_path):
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.config import Gemma2Config
+    from gemma_keras.tflite import export_tflite
+
+    lm = Gemma2CausalLM(Gemma2Config.from_hf_dict(CONFIG), dtype="bfloat16")
+    with pytest.raises(ValueError, match="computes in bfloat16 .* dtype='float32'"):
+        export_tflite(lm, tmp_path / "x.tflite", kv_cache_max_len=16, prefill_lens=(4,))

@@ -10,6 +10,7 @@ import importlib
 _EXPORTS = {
     "GemmaTFLite": "gemma_keras.tflite.runtime",
     "export_tflite": "gemma_keras.tflite.export",
+    "export_tflite_variants": "gemma_keras.tflite.export",
     "QUANTIZATIONS": "gemma_keras.tflite.quantize",
 }
 

@@ -13,10 +13,10 @@ cache slot `input_pos[0] + t` (one contiguous XLA dynamic_update_slice, which TF
 DYNAMIC_UPDATE_SLICE), and its RoPE position is `input_pos[t]`. Sliding-window layers add
 their window constraint inside the graph from `input_pos` and the slot index.
 
-The model's own Keras layers run the graph (TensorFlow backend): `backbone.embed` and
-`backbone.run_blocks`; only the tied output head is written here, as
-`matmul(hidden, embedding, transpose_b=True)` so that the converter maps it to
-FULLY_CONNECTED on the very tensor GATHER reads (one stored copy).
+The model's own Keras layers run the graph (TensorFlow backend, `backbone.run_blocks` with
+explicit positions and masks). Only the tied embedding's two uses are written here: the token
+lookup and the output head, `matmul(hidden, table, transpose_b=True)`, which the converter maps
+to FULLY_CONNECTED on the very tensor the lookup reads (one stored copy; see `table`).
 
 This module imports TensorFlow; `gemma_keras.tflite` imports it only when exporting.
 """
@@ -55,6 +55,12 @@ def _load_model(model):
     from gemma_keras.causal_lm import Gemma2CausalLM
 
     if isinstance(model, Gemma2CausalLM):
+        if model.compute_dtype != "float32" or model.variable_dtype != "float32":
+            raise ValueError(
+                f"the export traces a float32 model (quantization happens in the file); this "
+                f"model computes in {model.compute_dtype} with {model.variable_dtype} weights. "
+                f"Load it with dtype='float32'"
+            )
         return model
     if isinstance(model, (str, os.PathLike)):
         return Gemma2CausalLM.from_pretrained(model, dtype="float32")
@@ -196,7 +202,7 @@ def _convert(saved_model_dir, signature_keys, quantize):
         str(saved_model_dir), signature_keys=signature_keys
     )
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    # Weights must become constants, not resource variables the interpreter never fills.
+    # The caches are inputs and outputs: the file needs no resource variables.
     converter.experimental_enable_resource_variables = False
     # Keep each norm scale a separate MUL: folding it into the following matmul writes a new
     # copy of that weight (for the output head: a second copy of the tied embedding).
