@@ -28,8 +28,8 @@ def hf_entries(model, dtype=None) -> list[TensorEntry]:
 
 
 def _blocks(variable, transpose):
-    if transpose:
-        return lambda: [keras.ops.convert_to_numpy(variable.value).T]
+    if transpose:  # a Dense kernel; with LoRA enabled, `kernel` is the merged tensor
+        return lambda: [keras.ops.convert_to_numpy(variable).T]
     num_rows = variable.shape[0]
     rows = rows_per_block(variable.shape, 4)
     return lambda: (variable_rows(variable, start, min(start + rows, num_rows))
@@ -83,6 +83,7 @@ def save_hf_checkpoint(model, out_dir, dtype=None, tokenizer_path=None,
 
     Writes config.json, generation_config.json, the safetensors file(s) and tokenizer.model.
     Tensors are read from the variables one at a time (the embedding in blocks of rows).
+    Projections that carry LoRA adapters are written merged (`W + alpha / rank * A @ B`).
 
     Example:
     >>> save_hf_checkpoint(model, "gemma-2-2b-finetuned", dtype="bfloat16")

@@ -19,6 +19,7 @@ from gemma_keras.cli import main as cli_main
 from gemma_keras.config import ConfigError
 from gemma_keras.converters import (CheckpointError, convert, load_hf_checkpoint,
                                     save_hf_checkpoint, streaming)
+from gemma_keras.converters.keras_dir import save_model_dir
 from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
 
 
@@ -171,6 +172,21 @@ def test_transformers_loads_sharded_export(hf_dir, hf_model, padded_batch, tmp_p
     ids, mask = padded_batch
     np.testing.assert_array_equal(torch_logits(loaded, ids, mask),
                                   torch_logits(hf_model, ids, mask))
+
+
+def test_lora_projection_exports_merged(hf_dir, tmp_path):
+    model = load_hf_checkpoint(hf_dir)
+    q_proj = model.backbone.blocks[0].self_attn.q_proj
+    q_proj.enable_lora(2, lora_alpha=4)  # Keras' own LoRA
+    q_proj.lora_kernel_b.assign(np.random.default_rng(0).normal(size=(2, 64)))
+    a, b = q_proj.lora_kernel_a.numpy(), q_proj.lora_kernel_b.numpy()
+    expected = q_proj._kernel.numpy() + 2 * a @ b  # alpha / rank = 2
+    save_hf_checkpoint(model, tmp_path / "hf")
+    exported = _tensors(tmp_path / "hf")["model.layers.0.self_attn.q_proj.weight"]
+    np.testing.assert_allclose(exported, expected.T, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_model_dir(model, tmp_path / "k")
+    assert not (tmp_path / "k").exists()
 
 
 def test_keras_weights_shard_where_large(hf_dir, tmp_path, padded_batch):
