@@ -48,27 +48,31 @@ def phase_write(work):
     from gemma_keras.converters.weight_map import weight_specs
 
     config = Gemma2Config.preset(PRESET)
-    # The table needs a backbone for its shapes; a 1-layer, 8-token one has the same
+    # The table needs a backbone for its shapes; a 1-layer, 256-token one has the same
     # per-block shapes, so the full-size names and shapes follow from it.
     small = Gemma2Config(**{**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 256,
                             "layer_types": None})
     from gemma_keras.converters.streaming import empty_causal_lm
 
     specs = weight_specs(empty_causal_lm(small, dtype=DTYPE).backbone)
+    # Normal values drawn once (64 Mi of them); each block is a slice at a random offset, so
+    # every tensor differs (a mix-up shows in the bit-for-bit comparison) at memcpy speed.
     rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(2**26, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
 
-    def random_blocks(shape, std):
-        rows = max(1, BLOCK_BYTES // (2 * int(np.prod(shape[1:], dtype=np.int64))))
+    def random_blocks(shape):
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        rows = max(1, BLOCK_BYTES // (2 * row))
+
         def blocks():
             for start in range(0, shape[0], rows):
-                n = min(rows, shape[0] - start)
-                yield (rng.standard_normal((n,) + shape[1:], dtype=np.float32) * std).astype(
-                    ml_dtypes.bfloat16)
+                n = min(rows, shape[0] - start) * row
+                offset = int(rng.integers(0, pool.size - n))
+                yield pool[offset:offset + n].reshape((-1,) + tuple(shape[1:]))
         return blocks
 
     def entry(name, shape):
-        std = 0.1 if "norm" in name else 0.02
-        return TensorEntry(name, shape, DTYPE, random_blocks(shape, std))
+        return TensorEntry(name, shape, DTYPE, random_blocks(shape))
 
     layer0 = [s for s in specs if s.hf_name.startswith("model.layers.0.")]
     embed = next(s for s in specs if s.hf_name == "model.embed_tokens.weight")
