@@ -73,6 +73,7 @@ class GemmaTFLite:
                              for n in self.cache_names}
         self.cache_len = int(inputs[MASK]["shape"][-1])
         self.vocab_size = int(self._decode.get_output_details()[LOGITS]["shape"][-1])
+        self._cache, self._pos = None, 0  # set by `start`
 
         if tokenizer_path is None:
             beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model")
@@ -150,6 +151,8 @@ class GemmaTFLite:
 
     def step(self, token_id):
         """Feed one token at the next position; returns float32 logits [vocab]."""
+        if self._cache is None:
+            raise ValueError("call start(prompt_ids) before step()")
         if self._pos >= self.cache_len:
             raise ValueError(f"the cache of {self.cache_len} slots is full")
         out = self._run(self._decode, 1, [int(token_id)], self._pos, self._cache)
