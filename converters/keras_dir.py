@@ -74,10 +74,10 @@ def write_model_dir(model, directory, source=None, tokenizer_path=None,
     embedding = model.backbone.embed_tokens
     sharded = metadata["bytes"] > max_shard_bytes
     weights = SHARDED_WEIGHTS if sharded else SINGLE_WEIGHTS
-    saving_lib.save_weights_only(
+    skip = [embedding] + ([model.optimizer] if getattr(model, "optimizer", None) else [])
+    saving_lib.save_weights_only(  # the model's weights only: no optimizer state
         model, directory / weights,
-        max_shard_size=max_shard_bytes / 1024**3 if sharded else None,
-        objects_to_skip=[embedding])
+        max_shard_size=max_shard_bytes / 1024**3 if sharded else None, objects_to_skip=skip)
     _write_embedding(embedding, directory, weights)
     (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     has_tokenizer = copy_tokenizer(tokenizer_path, directory)

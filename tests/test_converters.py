@@ -211,6 +211,22 @@ def test_keras_dir_weights_are_a_plain_keras_weights_file(hf_dir, tmp_path, weig
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
+def test_model_dir_of_a_compiled_model_holds_no_optimizer_state(hf_dir, tmp_path):
+    import h5py
+    import keras
+
+    model = load_hf_checkpoint(hf_dir)
+    model.compile(optimizer=keras.optimizers.Adam(),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.optimizer.build(model.trainable_variables)
+    save_model_dir(model, tmp_path / "k")
+    with h5py.File(tmp_path / "k" / "model.weights.h5") as f:
+        assert sorted(f.keys()) == ["backbone", "vars"]
+    reloaded = Gemma2CausalLM.from_pretrained(tmp_path / "k")
+    for x, y in zip(model.weights, reloaded.weights):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
 def test_from_pretrained_dtype_override(hf_bf16_dir, tmp_path):
     convert.convert_hf_to_keras(hf_bf16_dir, tmp_path / "k")
     assert Gemma2CausalLM.from_pretrained(tmp_path / "k").dtype_policy.name == "bfloat16"
