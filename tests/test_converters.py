@@ -152,6 +152,16 @@ def test_round_trip_bfloat16_bit_identical(hf_bf16_dir, tmp_path, keras_dtype):
     _assert_bit_identical(hf_bf16_dir, tmp_path / "hf")
 
 
+def test_float16_conversion_rounds_like_numpy(hf_dir, tmp_path):
+    model = load_hf_checkpoint(hf_dir, dtype="float16")
+    save_hf_checkpoint(model, tmp_path / "hf")
+    source, out = _tensors(hf_dir), _tensors(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float16"
+    for name, tensor in out.items():
+        assert tensor.dtype == np.float16
+        np.testing.assert_array_equal(tensor, source[name].astype(np.float16))
+
+
 def test_transformers_loads_sharded_export(hf_dir, hf_model, padded_batch, tmp_path):
     import transformers
 
