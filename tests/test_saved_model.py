@@ -396,6 +396,29 @@ def test_bad_requests_are_invalid_argument(served, signature_name, inputs, messa
     assert message in info.value.message
 
 
+# ------------------------------------------------------- a trained model, end to end
+def test_bundled_tiny_model_answers_its_task_through_the_export(tmp_path):
+    """The bundled tiny model (trained to reverse word lists) behind the SavedModel: chat
+    prompts in, its answers out, every row stopping at <end_of_turn> as `model.generate`."""
+    import tensorflow as tf
+
+    from gemma_keras import tiny_task
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.saved_model import export_saved_model
+
+    model = Gemma2CausalLM.from_pretrained(tiny_task.tiny_model_dir())
+    examples = tiny_task.eval_examples()[:6]
+    prompts = tiny_task.chat_prompts(model.tokenizer, [e["prompt"] for e in examples])
+    path = export_saved_model(model, tmp_path, max_length=64, max_new_tokens=12)
+    served = tf.saved_model.load(str(path))
+    out = served.generate(tf.constant(prompts))  # with the defaults
+    completions = [c.decode("utf-8") for c in out["completions"].numpy()]
+    assert completions == model.generate(prompts, max_new_tokens=12)
+    assert [tiny_task.normalise(c) for c in completions] == [e["response"] for e in examples]
+    for row in out["token_ids"].numpy().tolist():
+        assert row[len(_trim(row))] == 107  # <end_of_turn>, then padding (checked by _trim)
+
+
 # ------------------------------------------------------------------ export errors
 def test_export_refuses_bad_arguments(tiny_lm, export_dir, tmp_path):
     from gemma_keras.saved_model import export_saved_model, next_version
