@@ -151,6 +151,28 @@ def test_decode_logits_match_keras(exported, prompt_and_reference, quantize):
         assert relative < RELATIVE_RMS_BOUNDS[quantize]
 
 
+def test_weight_only_int8_equals_keras_with_the_same_int8_weights(exported,
+                                                                   prompt_and_reference):
+    """Weight-only int8 dequantizes before each op, so it must match a Keras model whose
+    matrices are rounded the same way (symmetric, one scale per output row) within 1e-4:
+    nothing dropped, nothing folded twice."""
+    from gemma_keras.tflite import GemmaTFLite
+
+    lm = random_keras_lm(CONFIG)
+    for v in lm.variables:
+        w = v.numpy()
+        if w.ndim == 2:  # Dense kernels [in, out]: per out column; the embedding per row
+            axis = 1 if "embed" in v.path else 0
+            scale = np.abs(w).max(axis=axis, keepdims=True) / 127
+            v.assign((np.round(w / scale) * scale).astype("float32"))
+    ids = prompt_and_reference[0]
+    reference = np.asarray(lm({"token_ids": np.array([ids]),
+                               "padding_mask": np.ones((1, len(ids)))}))[0]
+    runtime = GemmaTFLite(exported["weight_only_int8"])
+    logits = np.stack([runtime.start(ids[:3])] + [runtime.step(t) for t in ids[3:]])
+    np.testing.assert_allclose(logits, reference[2:], atol=1e-4, rtol=0)
+
+
 def test_chunked_prefill_matches_keras(exported, prompt_and_reference):
     """A 20-token prompt is prefilled in chunks (8, 8, then 4 holding the last 3 with one pad
     token) before decode; the logits after it match Keras."""
