@@ -166,3 +166,37 @@ def test_fit_on_jax_backend_in_mixed_bfloat16_with_gradient_accumulation():
     assert out["iterations"] == 6  # 12 batches, gradients accumulated over 2
     first, *_, last = out["loss"]
     assert last < 0.8 * first, out
+
+
+def test_finetune_command_validates_checkpoints_and_resumes(tmp_path, capsys):
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.cli import main
+
+    data = tmp_path / "repeat.jsonl"
+    write_lines(data, [json.dumps(e) for e in tiny_task.training_examples(80, task="repeat")])
+    out = tmp_path / "tuned"
+    common = ["finetune", "--data", str(data), "--out", str(out), "--lora-rank", "4",
+              "--learning-rate", "1e-2", "--batch-size", "16", "--no-jit", "--quiet"]
+    assert main(common + ["--epochs", "1"]) == 0
+    first = capsys.readouterr().out
+    assert "epoch 1: validation loss" in first
+    checkpoints = str(out) + ".checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["adapter.safetensors", "epoch-0001.safetensors"]
+
+    assert main(common + ["--epochs", "2", "--overwrite"]) == 0
+    second = capsys.readouterr().out
+    assert "resuming from" in second and "epoch-0001" in second
+    assert "epoch 2: validation loss" in second and "epoch 1:" not in second
+    first_loss = float(first.split("epoch 1: validation loss")[1].split()[0])
+    second_loss = float(second.split("epoch 2: validation loss")[1].split()[0])
+    assert second_loss < first_loss
+    assert "epoch-0002.safetensors" in os.listdir(checkpoints)
+
+    model = Gemma2CausalLM.from_pretrained(out)  # a directory every subcommand accepts
+    assert model.tokenizer is not None and not any("lora" in v.path for v in model.variables)
+    # a changed setting does not silently resume someone else's run
+    with pytest.raises(ValueError, match="other settings"):
+        from gemma_keras.training import finetune
+
+        finetune(tiny_task.tiny_model_dir(), data, tmp_path / "other", epochs=3, lora_rank=8,
+                 checkpoint_dir=checkpoints, verbose=0)
