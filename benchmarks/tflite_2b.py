@@ -19,6 +19,7 @@ Stages (each also callable alone; `--layers N` builds the 2B's width with N of i
   transformers  transformers' Gemma2ForCausalLM, float32, random 2B: prefill and decode tok/s.
   bandwidth     the memory bound in this run: float32 matrix-vector products (NumPy/OpenBLAS,
                 --threads) over 2 GiB; GB/s, and tokens/s = GB/s / bytes per token.
+  quant-sim     the same on the full random 2B, weights fake-quantized in Keras.
   quant-error   logit error of dynamic int8 per-tensor (TF converter) vs per-channel
                 (ai-edge-quantizer weight-only int8) vs int4 blockwise, against the Keras
                 float32 logits, on the tiny config and on the 2B's width with --layers layers.
@@ -120,24 +121,33 @@ def config_name(args):
     return "gemma2_2b" if not args.layers else f"2b_width_{args.layers}_layers"
 
 
-def random_causal_lm(config, seed=0):
-    """A float32 Gemma2CausalLM of `config` with random weights, filled chunk by chunk with
-    NumPy (much faster than Keras' initializers and with no full-size temporaries)."""
+def _original_chunks(variable, index, seed):
+    """The random values `random_causal_lm` puts in `variable` (the model's `index`-th), as
+    `(start_row, block)` chunks of about 64 MB: regenerated identically on every call."""
     import numpy as np
 
+    shape = tuple(variable.shape)
+    scale = np.float32(0.1 if len(shape) == 1 else 0.02)
+    rng = np.random.default_rng([seed, index])
+    rows = max(1, (64 << 20) // (4 * int(np.prod(shape[1:], dtype=np.int64) or 1)))
+    if len(shape) == 2 and shape[0] % 32 == 0:
+        rows = max(32, rows // 32 * 32)  # whole int4 blocks along the input axis
+    for start in range(0, shape[0], rows):
+        n = min(rows, shape[0] - start)
+        block = rng.standard_normal((n, *shape[1:]), dtype=np.float32)
+        block *= scale
+        yield start, block
+
+
+def random_causal_lm(config, seed=0):
+    """A float32 Gemma2CausalLM of `config` with random weights (N(0, 0.02) matrices,
+    N(0, 0.1) norm scales), filled chunk by chunk with NumPy: much faster than Keras'
+    initializers, with no full-size temporaries, and reproducible variable by variable."""
     from gemma_keras.converters.streaming import assign_rows, empty_causal_lm
 
     model = empty_causal_lm(config, dtype="float32")
-    rng = np.random.default_rng(seed)
-    for variable in model.variables:
-        shape = tuple(variable.shape)
-        is_norm = len(shape) == 1
-        scale = 0.1 if is_norm else 0.02
-        rows = max(1, (64 << 20) // (4 * int(np.prod(shape[1:], dtype=np.int64) or 1)))
-        for start in range(0, shape[0], rows):
-            n = min(rows, shape[0] - start)
-            block = rng.standard_normal((n, *shape[1:]), dtype=np.float32)
-            block *= np.float32(scale)
+    for index, variable in enumerate(model.variables):
+        for start, block in _original_chunks(variable, index, seed):
             assign_rows(variable, start, block)
     return model
 
@@ -600,6 +610,86 @@ def stage_quant_error(args):
            rows=rows, peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
 
 
+def _fake_quant(block, mode, is_embedding, stat):
+    """Symmetric fake quantization of one row chunk (kernels are [in, out]; the embedding
+    [vocab, hidden] is also the head, whose output channels are its rows)."""
+    import numpy as np
+
+    if mode == "int8_per_tensor":
+        scale = stat / 127
+        return np.clip(np.round(block / scale), -127, 127) * scale
+    if mode == "int8_per_channel":
+        peak = np.abs(block).max(axis=1, keepdims=True) if is_embedding else stat[None]
+        scale = np.maximum(peak, 1e-30) / 127
+        return np.clip(np.round(block / scale), -127, 127) * scale
+    if mode == "int4_block32":  # blocks of 32 along the input axis, one scale each
+        if is_embedding:
+            b = block.reshape(block.shape[0], -1, 32)
+            scale = np.maximum(np.abs(b).max(axis=2, keepdims=True), 1e-30) / 7
+        else:
+            b = block.reshape(-1, 32, block.shape[1])
+            scale = np.maximum(np.abs(b).max(axis=1, keepdims=True), 1e-30) / 7
+        return (np.clip(np.round(b / scale), -8, 7) * scale).reshape(block.shape)
+    raise ValueError(mode)
+
+
+def stage_quant_sim(args):
+    """Weight quantization error on the full random 2B, simulated in Keras (the converter
+    cannot export a per-channel 2B in this memory): every matrix is fake-quantized in place
+    (regenerated from its seed, so no second copy is held), then the float32 logits of a
+    32-token sequence are compared with the unquantized model's."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import numpy as np
+
+    from gemma_keras.converters.streaming import assign_rows
+
+    sampler = RssSampler()
+    config = model_config(args)
+    seed = 1
+    t0 = time.perf_counter()
+    model = random_causal_lm(config, seed=seed)
+    build_s = time.perf_counter() - t0
+    seq = np.random.default_rng(2).integers(3, config.vocab_size, 32).astype(np.int32)
+
+    def logits():
+        return np.asarray(model({"token_ids": seq[None],
+                                 "padding_mask": np.ones((1, len(seq)), np.int32)}))[0]
+
+    ref = logits()
+    rows = []
+    for mode in ("int8_per_tensor", "int8_per_channel", "int4_block32"):
+        sampler.mark(mode)
+        t0 = time.perf_counter()
+        for index, variable in enumerate(model.variables):
+            chunks = lambda: _original_chunks(variable, index, seed)  # noqa: E731
+            if len(variable.shape) != 2:
+                for start, block in chunks():  # restore (norm scales stay float32)
+                    assign_rows(variable, start, block)
+                continue
+            is_embedding = "embed" in variable.path
+            stat = None
+            if mode == "int8_per_tensor":
+                stat = max(float(np.abs(b).max()) for _, b in chunks())
+            elif mode == "int8_per_channel" and not is_embedding:
+                stat = np.zeros(variable.shape[1], np.float32)
+                for _, b in chunks():
+                    np.maximum(stat, np.abs(b).max(axis=0), out=stat)
+            for start, block in chunks():
+                assign_rows(variable, start, _fake_quant(block, mode, is_embedding, stat))
+        got = logits()
+        err = got - ref
+        rows.append(dict(quantize=mode, seconds=round(time.perf_counter() - t0, 1),
+                         max_abs=float(np.abs(err).max()), mean_abs=float(np.abs(err).mean()),
+                         rel_rms=float(np.sqrt((err**2).mean() / (ref**2).mean())),
+                         top1_agree=float((got.argmax(-1) == ref.argmax(-1)).mean()),
+                         file_bytes=0))
+        print(rows[-1], flush=True)
+    phases = sampler.stop()
+    record(args, "quant_error", config=f"{config_name(args)} (weights fake-quantized in Keras)",
+           logit_rms=float(np.sqrt((ref**2).mean())), rows=rows, build_s=round(build_s, 1),
+           peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
+
+
 # ------------------------------------------------------------------ driver
 def _read_results(args):
     path = Path(args.out_dir) / "results.jsonl"
@@ -734,8 +824,9 @@ def stage_report(args):
                     print(f"| {r['config']} | {row['quantize']} | - | {row['error'][:90]} "
                           f"| | | |")
                     continue
-                print(f"| {r['config']} | {row['quantize']} | {row['file_bytes']:,} | "
-                      f"{row['max_abs']:.4f} | {row['mean_abs']:.4f} | {row['rel_rms']:.4f} | "
+                size = f"{row['file_bytes']:,}" if row.get("file_bytes") else "-"
+                print(f"| {r['config']} | {row['quantize']} | {size} | "
+                      f"{row['max_abs']:.3g} | {row['mean_abs']:.3g} | {row['rel_rms']:.3g} | "
                       f"{row['top1_agree']:.2f} |")
 
 
@@ -743,7 +834,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["all", "export", "litert", "engine", "transformers",
-                                          "bandwidth", "quant-error", "report"])
+                                          "bandwidth", "quant-error", "quant-sim", "report"])
     parser.add_argument("--out-dir", default="/tmp/gemma_tflite_2b")
     parser.add_argument("--small", action="store_true", help="a tiny config, for dry runs")
     parser.add_argument("--layers", type=int, default=0,
@@ -773,7 +864,8 @@ def main():
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
     {"all": stage_all, "export": stage_export, "litert": stage_litert, "engine": stage_engine,
      "transformers": stage_transformers, "bandwidth": stage_bandwidth,
-     "quant-error": stage_quant_error, "report": stage_report}[args.stage](args)
+     "quant-error": stage_quant_error, "quant-sim": stage_quant_sim,
+     "report": stage_report}[args.stage](args)
 
 
 if __name__ == "__main__":
