@@ -279,10 +279,11 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
         for mode in sorted(conversions):
             converted[mode] = _convert(saved_model_dir, list(functions), mode)
             steps.update(f"converted ({mode})")
+        if any(q in quantize_lib.AI_EDGE_RECIPES for q in outputs):
+            lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])
         for quantize, out in outputs.items():
             if quantize in quantize_lib.AI_EDGE_RECIPES:
-                flatbuffer = quantize_lib.quantize_flatbuffer(
-                    quantize_lib.gathers_to_embedding_lookups(converted["none"]), quantize)
+                flatbuffer = quantize_lib.quantize_flatbuffer(lookups, quantize)
             else:
                 flatbuffer = converted[quantize]
             _write_atomically(out, flatbuffer)
