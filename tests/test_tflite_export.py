@@ -204,7 +204,8 @@ def test_export_rejects_bad_arguments(keras_lm, tmp_path):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         export_tflite(keras_lm, tmp_path / "x.tflite", kv_cache_max_len=4096)
     small = random_keras_lm({**CONFIG, "hidden_size": 48, "intermediate_size": 80})
-    with pytest.raises(ValueError, match=r"not multiples of 32: hidden_size = 48, intermediate_size = 80"):
+    with pytest.raises(ValueError,
+                       match="not multiples of 32: hidden_size = 48, intermediate_size = 80"):
         export_tflite(small, tmp_path / "x.tflite", quantize="int4_block32",
                       kv_cache_max_len=16, prefill_lens=(4,))
     assert not list(tmp_path.iterdir()), "a refused export left files behind"
