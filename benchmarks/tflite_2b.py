@@ -202,14 +202,17 @@ def _release_variables(model):
 
     TensorFlow's converter re-reads the weights from the SavedModel, so the float32 copy the
     Keras model holds (10.5 GB for the 2B) is dead weight while it runs. `export_tflite` keeps
-    references to the model until it returns, so the benchmark destroys the variables'
-    resources instead (the model is unusable afterwards)."""
+    references to the model until it returns, so the benchmark shrinks every variable to an
+    empty tensor in place (an unvalidated-shape assign, which releases the buffer; destroying
+    the resource does not). The model is unusable afterwards."""
     import gc
 
     import tensorflow as tf
 
+    empty = tf.zeros([0], tf.float32)
     for variable in model.variables:
-        tf.raw_ops.DestroyResourceOp(resource=variable.value.handle, ignore_lookup_error=True)
+        tf.raw_ops.AssignVariableOp(resource=variable.value.handle, value=empty,
+                                    validate_shape=False)
     gc.collect()
 
 
@@ -336,16 +339,22 @@ def stage_litert(args):
 
     # -- CompiledModel: caches in TensorBuffers, input and output sets swapped each step.
     if not args.skip_compiled:
-        try:
-            results.update(_compiled_model_decode(args, info, prompt, prefill_t, steps, size))
-            results["compiled_matches_interpreter"] = (
-                results["compiled_tokens"] == results["interpreter_tokens"])
-        except Exception as e:  # recorded, not fatal: the interpreter numbers stand
-            results["compiled_error"] = f"{type(e).__name__}: {e}"
+        for alias, k in ((False, "compiled"), (True, "aliased")):
+            try:
+                results.update(_compiled_model_decode(args, info, prompt, prefill_t, steps,
+                                                      size, alias=alias))
+                results[f"{k}_matches_interpreter"] = (
+                    results[f"{k}_tokens"] == results["interpreter_tokens"])
+            except Exception as e:  # recorded, not fatal: the interpreter numbers stand
+                results[f"{k}_error"] = f"{type(e).__name__}: {e}"
     record(args, "litert", **results)
 
 
-def _compiled_model_decode(args, info, prompt, prefill_t, steps, size):
+def _compiled_model_decode(args, info, prompt, prefill_t, steps, size, alias=False):
+    """CompiledModel decode. alias=False: two cache buffer sets swapped each step (no Python
+    copies, but DYNAMIC_UPDATE_SLICE still copies every cache from input to output);
+    alias=True: the same buffers as input and output, so the update runs in place, as in
+    the LiteRT-LM engine."""
     import numpy as np
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.cpu_options import CpuOptions
@@ -365,8 +374,9 @@ def _compiled_model_decode(args, info, prompt, prefill_t, steps, size):
     # Buffers the model allocates (host-memory buffers made from NumPy arrays are refused
     # by CompiledModel.run in ai-edge-litert 2.3.0); the output set of one step is the input
     # set of the next.
-    sets = [{n: model.create_input_buffer_by_name("decode", n) for n in cache_names},
-            {n: model.create_output_buffer_by_name("decode", n) for n in cache_names}]
+    sets = [{n: model.create_input_buffer_by_name("decode", n) for n in cache_names}]
+    sets.append(sets[0] if alias else
+                {n: model.create_output_buffer_by_name("decode", n) for n in cache_names})
     zeros = np.zeros(shape, np.float32)
     for n in cache_names:
         sets[0][n].write(zeros)
@@ -405,16 +415,17 @@ def _compiled_model_decode(args, info, prompt, prefill_t, steps, size):
         times.append(time.perf_counter() - t0)
         cur = 1 - cur
     decode_s = float(np.median(times[1:]))
-    return dict(
-        compiled_tokens=tokens,
-        compiled_weight_cache=bool(args.weight_cache),
-        compiled_load_s=round(load_s, 2),
-        compiled_first_prefill_s=round(first_prefill_s, 2),
-        compiled_prefill_tok_s=round(prefill_t / prefill_s, 2),
-        compiled_decode_tok_s=round(1 / decode_s, 3),
-        compiled_file_gb_s=round(size / decode_s / 1e9, 2),
-        rss_after_compiled_gib={k: round(v, 2) for k, v in proc_status().items()},
-    )
+    k = "aliased" if alias else "compiled"
+    return {
+        f"{k}_tokens": tokens,
+        f"{k}_weight_cache": bool(args.weight_cache),
+        f"{k}_load_s": round(load_s, 2),
+        f"{k}_first_prefill_s": round(first_prefill_s, 2),
+        f"{k}_prefill_tok_s": round(prefill_t / prefill_s, 2),
+        f"{k}_decode_tok_s": round(1 / decode_s, 3),
+        f"{k}_file_gb_s": round(size / decode_s / 1e9, 2),
+        f"rss_after_{k}_gib": {k2: round(v, 2) for k2, v in proc_status().items()},
+    }
 
 
 def stage_engine(args):
@@ -779,13 +790,15 @@ def stage_report(args):
             size = r["file_bytes"]
             bound = gb_s * 1e9 / size if gb_s else None
             for kind, rss_key in (("interpreter", "rss_after_interpreter_gib"),
-                                  ("compiled", "rss_after_compiled_gib")):
+                                  ("compiled", "rss_after_compiled_gib"),
+                                  ("aliased", "rss_after_aliased_gib")):
                 if f"{kind}_decode_tok_s" not in r:
                     continue
                 rss = r[rss_key]
                 dec = r[f"{kind}_decode_tok_s"]
-                label = ("ai_edge_litert Interpreter (runner copies caches)" if kind ==
-                         "interpreter" else "ai_edge_litert CompiledModel (swapped caches)")
+                label = {"interpreter": "ai_edge_litert Interpreter (runner copies caches)",
+                         "compiled": "ai_edge_litert CompiledModel (cache sets swapped)",
+                         "aliased": "ai_edge_litert CompiledModel (caches in place)"}[kind]
                 print(f"| {label} | {Path(r['tflite']).name} | {r['cache_len']} | "
                       f"{r['threads']} | {r[f'{kind}_prefill_tok_s']} | {dec} | "
                       f"{r[f'{kind}_file_gb_s']} | {bound and round(bound, 2)} | "
