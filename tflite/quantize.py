@@ -7,6 +7,8 @@ float32 file, which TensorFlow's converter cannot produce.
 
 from __future__ import annotations
 
+import struct
+
 QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "weight_only_int8", "int4_block32",
                  "int4_block128")
 
@@ -61,54 +63,79 @@ def quantize_flatbuffer(flatbuffer: bytes, quantize: str) -> bytes:
 
 
 def gathers_to_embedding_lookups(flatbuffer: bytes) -> bytes:
-    """Rewrite every GATHER of a constant 2-D table by 1-D ids into EMBEDDING_LOOKUP.
+    """Turn the GATHERs of a constant 2-D table by 1-D ids into EMBEDDING_LOOKUPs.
 
     Both return `table[ids]`; ai-edge-quantizer quantizes the table of an EMBEDDING_LOOKUP
-    (with the same blocks as a FULLY_CONNECTED weight, so the tied embedding stays one
-    tensor) but leaves a GATHER's table in float32, next to a quantized copy for the head.
+    (with the same rows and blocks as a FULLY_CONNECTED weight, so the tied embedding stays
+    one tensor) but leaves a GATHER's table in float32, next to a quantized copy for the head.
+
+    The flatbuffer is patched in place (the GATHER operator code becomes EMBEDDING_LOOKUP,
+    each op's two inputs swap, its options type becomes NONE), so nothing is re-packed: files
+    with offset buffers (over 2 GB) stay valid. Returned unchanged unless every op using the
+    GATHER code is such a lookup.
     """
-    import numpy as np
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
-    codes = [flatbuffer_utils.get_builtin_code_from_operator_code(c)
-             for c in model.operatorCodes]
-    gathers = {i for i, c in enumerate(codes) if c == schema.BuiltinOperator.GATHER}
-    if not gathers:
+    data = bytearray(flatbuffer)
+    model = schema.Model.GetRootAsModel(data, 0)
+    gather = schema.BuiltinOperator.GATHER
+    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
+    gather_codes = [i for i, c in enumerate(codes)
+                    if max(c.BuiltinCode(), c.DeprecatedBuiltinCode()) == gather]
+    ops = []
+    for s_index in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s_index)
+        for o_index in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(o_index)
+            if op.OpcodeIndex() in gather_codes:
+                if not _is_table_lookup(model, subgraph, op):
+                    return flatbuffer
+                ops.append(op)
+    if not ops:
         return flatbuffer
-    if schema.BuiltinOperator.EMBEDDING_LOOKUP in codes:
-        lookup = codes.index(schema.BuiltinOperator.EMBEDDING_LOOKUP)
-    else:
-        code = schema.OperatorCodeT()
-        code.builtinCode = schema.BuiltinOperator.EMBEDDING_LOOKUP
-        code.deprecatedBuiltinCode = schema.BuiltinOperator.EMBEDDING_LOOKUP
-        code.version = 1
-        model.operatorCodes.append(code)
-        lookup = len(model.operatorCodes) - 1
 
-    def is_constant(tensor):
-        buffer = model.buffers[tensor.buffer]
-        return buffer.data is not None and len(buffer.data) or bool(buffer.offset)
+    def field(table, vtable_offset):
+        offset = table._tab.Offset(vtable_offset)
+        if not offset:  # a default value the builder left out: cannot patch in place
+            raise _CannotPatch
+        return table._tab.Pos + offset
 
-    for subgraph in model.subgraphs:
-        for op in subgraph.operators:
-            if op.opcodeIndex not in gathers:
-                continue
-            table, ids = (subgraph.tensors[i] for i in op.inputs)
-            options = op.builtinOptions
-            if (len(table.shape) == 2 and len(ids.shape) == 1 and is_constant(table)
-                    and options.axis == 0 and options.batchDims == 0):
-                op.opcodeIndex = lookup
-                op.inputs = [op.inputs[1], op.inputs[0]]
-                op.builtinOptionsType = schema.BuiltinOptions.NONE
-                op.builtinOptions = None
-    for buffer in model.buffers:
-        # Offset-stored buffers come back as bytearray slices, which flatbuffers packs one
-        # byte per Python call (45 s for 18 MB); NumPy arrays are packed in one copy.
-        if buffer.data is not None and not isinstance(buffer.data, np.ndarray):
-            buffer.data = np.frombuffer(buffer.data, np.uint8)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    lookup = schema.BuiltinOperator.EMBEDDING_LOOKUP
+    try:
+        positions = []
+        for i in gather_codes:
+            positions.append(("<b", field(codes[i], 4), lookup))   # deprecated_builtin_code
+            positions.append(("<i", field(codes[i], 10), lookup))  # builtin_code
+        for op in ops:
+            field(op, 6)
+            first = op._tab.Vector(op._tab.Offset(6))               # inputs[0]
+            table, ids = op.Inputs(0), op.Inputs(1)
+            positions += [("<i", first, ids), ("<i", first + 4, table)]
+            positions.append(("<B", field(op, 10), schema.BuiltinOptions.NONE))
+    except _CannotPatch:
+        return flatbuffer
+    for fmt, position, value in positions:
+        struct.pack_into(fmt, data, position, value)
+    return bytes(data)
+
+
+class _CannotPatch(Exception):
+    pass
+
+
+def _is_table_lookup(model, subgraph, op):
+    """True for GATHER(table, ids) with a stored 2-D table, 1-D ids, axis 0, no batch dims."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    if op.InputsLength() != 2 or op.BuiltinOptionsType() != schema.BuiltinOptions.GatherOptions:
+        return False
+    table, ids = subgraph.Tensors(op.Inputs(0)), subgraph.Tensors(op.Inputs(1))
+    buffer = model.Buffers(table.Buffer())
+    stored = buffer.DataLength() > 0 or buffer.Size() > 0
+    options = schema.GatherOptions()
+    options.Init(op.BuiltinOptions().Bytes, op.BuiltinOptions().Pos)
+    return (stored and table.ShapeLength() == 2 and ids.ShapeLength() == 1
+            and options.Axis() == 0 and options.BatchDims() == 0)
 
 
 def check_block_sizes(config, quantize):
