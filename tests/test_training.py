@@ -136,18 +136,23 @@ JAX_FIT = textwrap.dedent("""
     import json, keras
     from gemma_keras import tiny_task
     from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.config import Gemma2Config
     from gemma_keras.data import encode_records
-    from gemma_keras.training import adamw
+    from gemma_keras.training import adamw, remat_scope
     assert keras.backend.backend() == "jax"
     keras.utils.set_random_seed(0)
-    model = Gemma2CausalLM.from_pretrained(tiny_task.tiny_model_dir(), dtype="mixed_bfloat16")
+    with remat_scope(Gemma2Config.from_json_file(tiny_task.tiny_model_dir() + "/config.json")):
+        model = Gemma2CausalLM.from_pretrained(tiny_task.tiny_model_dir(),
+                                               dtype="mixed_bfloat16")
+    remat = [str(block._remat_mode.mode) for block in model.backbone.blocks]
     data = encode_records(tiny_task.training_examples(64, task="repeat"), model.tokenizer, 32)
     model.compile(optimizer=adamw(model, learning_rate=3e-3, gradient_accumulation_steps=2))
     history = model.fit(data.batches(16, repeat=True), steps_per_epoch=4, epochs=3, verbose=0)
     print("RESULT" + json.dumps({"loss": history.history["loss"],
                                  "compute_dtype": model.compute_dtype,
                                  "variable_dtype": model.variable_dtype,
-                                 "iterations": int(model.optimizer.iterations)}))
+                                 "iterations": int(model.optimizer.iterations),
+                                 "remat": remat}))
 """)
 
 
@@ -160,8 +165,9 @@ def run_jax(script, extra_env=None):
     return json.loads(line[len("RESULT"):])
 
 
-def test_fit_on_jax_backend_in_mixed_bfloat16_with_gradient_accumulation():
+def test_fit_on_jax_backend_in_mixed_bfloat16_with_gradient_accumulation_and_remat():
     out = run_jax(JAX_FIT)
+    assert out["remat"] == ["list_of_layers"] * 4
     assert out["compute_dtype"] == "bfloat16" and out["variable_dtype"] == "float32"
     assert out["iterations"] == 6  # 12 batches, gradients accumulated over 2
     first, *_, last = out["loss"]
