@@ -116,8 +116,10 @@ def merge_lora(model):
         kernel = np.asarray(layer._kernel.numpy(), np.float32)
         merged = kernel + (layer.lora_alpha / layer.lora_rank) * (a @ b)
         layer._kernel.assign(merged.astype(layer._kernel.dtype))
-        del layer.lora_kernel_a
-        del layer.lora_kernel_b
+        for name in ("lora_kernel_a", "lora_kernel_b"):
+            # what `del layer.<name>` does, without its gc.collect() per variable (0.4 s each)
+            layer._untrack_variable(getattr(layer, name))
+            object.__delattr__(layer, name)
         layer.lora_enabled = False
         layer.lora_rank = None
         layer.lora_alpha = None

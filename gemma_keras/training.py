@@ -177,7 +177,7 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
              lora_rank=None, lora_alpha=None, lora_targets=None, learning_rate=None,
              validation_split=0.1, validation_path=None, checkpoint_dir=None, resume=True,
              gradient_accumulation_steps=None, dtype=None, remat=False, seed=0,
-             overwrite=False, jit_compile="auto", verbose=1):
+             overwrite=False, jit_compile="auto", run_eagerly=False, verbose=1):
     """Fine-tune a model directory on a JSONL file and write the result as a model directory.
 
     The model (`Gemma2CausalLM.from_pretrained(model_dir)`) trains on `data_path` (see
@@ -231,7 +231,7 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
         lora.enable_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
     model.compile(optimizer=adamw(model, learning_rate=learning_rate,
                                   gradient_accumulation_steps=gradient_accumulation_steps),
-                  jit_compile=jit_compile)
+                  jit_compile=jit_compile, run_eagerly=run_eagerly)
 
     checkpoint_dir = checkpoint_dir or os.fspath(out_dir).rstrip("/") + ".checkpoints"
     fingerprint = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path),

@@ -44,6 +44,8 @@ def register(subparsers):
     p.add_argument("--no-jit", action="store_true",
                    help="do not XLA-compile the train step (on CPU with TensorFlow, small "
                         "models train faster without it)")
+    p.add_argument("--eager", action="store_true",
+                   help="run eagerly, without tracing the step (debugging; very short runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -63,7 +65,7 @@ def run(args):
         validation_path=args.validation_data, checkpoint_dir=args.checkpoint_dir,
         resume=not args.restart, gradient_accumulation_steps=args.accumulate,
         dtype=args.dtype, remat=args.remat, seed=args.seed, overwrite=args.overwrite,
-        jit_compile=False if args.no_jit else "auto",
+        jit_compile=False if args.no_jit else "auto", run_eagerly=args.eager,
         verbose=2 if args.quiet else 1)
     for epoch, loss in enumerate(result["history"].get("val_loss", []),
                                  start=result["initial_epoch"] + 1):
