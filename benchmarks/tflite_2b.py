@@ -283,68 +283,73 @@ def stage_litert(args):
     results = dict(tflite=args.tflite, file_bytes=size, threads=args.threads,
                    cache_len=info.cache_len, prefill_tokens=prefill_t, decode_steps=steps)
 
-    # -- classic Interpreter + signature runners: caches go in and come out as copies.
-    t0 = time.perf_counter()
-    interp = Interpreter(model_path=args.tflite, num_threads=args.threads)
-    prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
-    decode = interp.get_signature_runner("decode")
-    details = decode.get_input_details()
-    cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
-    cache = {n: np.zeros(details[n]["shape"], np.float32) for n in cache_names}
-    cache_bytes = sum(a.nbytes for a in cache.values())
-    results["load_s"] = round(time.perf_counter() - t0, 2)
-    results["rss_after_load_gib"] = {k: round(v, 2) for k, v in proc_status().items()}
-
-    t0 = time.perf_counter()
-    out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
-                  mask=causal_mask(range(prefill_t), info.cache_len), **cache)
-    first_prefill_s = time.perf_counter() - t0  # includes XNNPACK's lazy weight packing
-    cache = {n: out[n] for n in cache_names}
-    t0 = time.perf_counter()
-    out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
-                  mask=causal_mask(range(prefill_t), info.cache_len), **cache)
-    prefill_s = time.perf_counter() - t0
-    cache = {n: out[n] for n in cache_names}
-    token = int(prompt[-1])
-    times, tokens = [], []
-    for i in range(steps + 1):  # the first step packs decode's weights: not timed
-        pos = prefill_t + i
+    runtimes = args.runtimes.split(",")
+    if "interpreter" in runtimes:
+        # -- classic Interpreter + signature runners: caches go in and come out as copies.
         t0 = time.perf_counter()
-        out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32),
-                     mask=causal_mask([pos], info.cache_len), **cache)
-        times.append(time.perf_counter() - t0)
+        interp = Interpreter(model_path=args.tflite, num_threads=args.threads)
+        prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
+        decode = interp.get_signature_runner("decode")
+        details = decode.get_input_details()
+        cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
+        cache = {n: np.zeros(details[n]["shape"], np.float32) for n in cache_names}
+        cache_bytes = sum(a.nbytes for a in cache.values())
+        results["load_s"] = round(time.perf_counter() - t0, 2)
+        results["rss_after_load_gib"] = {k: round(v, 2) for k, v in proc_status().items()}
+
+        t0 = time.perf_counter()
+        out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
+                      mask=causal_mask(range(prefill_t), info.cache_len), **cache)
+        first_prefill_s = time.perf_counter() - t0  # includes XNNPACK's lazy weight packing
         cache = {n: out[n] for n in cache_names}
-        token = int(np.argmax(out["logits"][0, -1]))
-        tokens.append(token)
-    decode_s = float(np.median(times[1:]))
-    results.update(
-        first_prefill_s=round(first_prefill_s, 2),
-        interpreter_prefill_tok_s=round(prefill_t / prefill_s, 2),
-        interpreter_first_decode_s=round(times[0], 2),
-        interpreter_decode_tok_s=round(1 / decode_s, 3),
-        interpreter_file_gb_s=round(size / decode_s / 1e9, 2),
-        rss_after_interpreter_gib={k: round(v, 2) for k, v in proc_status().items()},
-        interpreter_tokens=tokens,
-    )
-    # What the runner's copies cost: one copy of every cache in and one out per step.
-    dst = {n: np.empty_like(a) for n, a in cache.items()}
-    t0 = time.perf_counter()
-    for _ in range(3):
-        for n, a in cache.items():
-            np.copyto(dst[n], a)
-    copy_s = (time.perf_counter() - t0) / 3 * 2
-    results.update(cache_bytes=cache_bytes, cache_copy_in_out_s=round(copy_s, 4),
-                   cache_copy_share_of_decode=round(copy_s / decode_s, 3))
-    del interp, prefill, decode, out, cache, dst
+        t0 = time.perf_counter()
+        out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
+                      mask=causal_mask(range(prefill_t), info.cache_len), **cache)
+        prefill_s = time.perf_counter() - t0
+        cache = {n: out[n] for n in cache_names}
+        token = int(prompt[-1])
+        times, tokens = [], []
+        for i in range(steps + 1):  # the first step packs decode's weights: not timed
+            pos = prefill_t + i
+            t0 = time.perf_counter()
+            out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32),
+                         mask=causal_mask([pos], info.cache_len), **cache)
+            times.append(time.perf_counter() - t0)
+            cache = {n: out[n] for n in cache_names}
+            token = int(np.argmax(out["logits"][0, -1]))
+            tokens.append(token)
+        decode_s = float(np.median(times[1:]))
+        results.update(
+            first_prefill_s=round(first_prefill_s, 2),
+            interpreter_prefill_tok_s=round(prefill_t / prefill_s, 2),
+            interpreter_first_decode_s=round(times[0], 2),
+            interpreter_decode_tok_s=round(1 / decode_s, 3),
+            interpreter_file_gb_s=round(size / decode_s / 1e9, 2),
+            rss_after_interpreter_gib={k: round(v, 2) for k, v in proc_status().items()},
+            interpreter_tokens=tokens,
+        )
+        # What the runner's copies cost: one copy of every cache in and one out per step.
+        dst = {n: np.empty_like(a) for n, a in cache.items()}
+        t0 = time.perf_counter()
+        for _ in range(3):
+            for n, a in cache.items():
+                np.copyto(dst[n], a)
+        copy_s = (time.perf_counter() - t0) / 3 * 2
+        results.update(cache_bytes=cache_bytes, cache_copy_in_out_s=round(copy_s, 4),
+                       cache_copy_share_of_decode=round(copy_s / decode_s, 3))
+        del interp, prefill, decode, out, cache, dst
 
     # -- CompiledModel: caches in TensorBuffers, input and output sets swapped each step.
     if not args.skip_compiled:
         for alias, k in ((False, "compiled"), (True, "aliased")):
+            if k not in runtimes:
+                continue
             try:
                 results.update(_compiled_model_decode(args, info, prompt, prefill_t, steps,
                                                       size, alias=alias))
-                results[f"{k}_matches_interpreter"] = (
-                    results[f"{k}_tokens"] == results["interpreter_tokens"])
+                if "interpreter_tokens" in results:
+                    results[f"{k}_matches_interpreter"] = (
+                        results[f"{k}_tokens"] == results["interpreter_tokens"])
             except Exception as e:  # recorded, not fatal: the interpreter numbers stand
                 results[f"{k}_error"] = f"{type(e).__name__}: {e}"
     record(args, "litert", **results)
@@ -864,6 +869,9 @@ def main():
     parser.add_argument("--weight-cache", action="store_true",
                         help="CompiledModel with an XNNPACK weight cache file")
     parser.add_argument("--skip-compiled", action="store_true")
+    parser.add_argument("--runtimes", default="interpreter,compiled,aliased",
+                        help="litert: which runtimes to time, in this process (run one per "
+                             "process for a clean RSS)")
     parser.add_argument("--free-before-convert", action=argparse.BooleanOptionalAction,
                         default=True, help="free the Keras weights before the TF converter")
     parser.add_argument("--tiny-model", action="store_true",
