@@ -45,6 +45,9 @@ def register(subparsers):
     p.add_argument("--prefill-lens", type=parse_lengths, default=parse_lengths(
         DEFAULT_PREFILL_LENS), metavar="T,T,...",
         help=f"one prefill signature per length (default {DEFAULT_PREFILL_LENS})")
+    p.add_argument("--bundle", choices=("none", "litertlm"), default="none",
+                   help="litertlm: also write FILE.litertlm (the .tflite, the tokenizer and "
+                        "Gemma's LlmMetadata) for Google's LiteRT-LM engine")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -60,6 +63,8 @@ def run(args):
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".tflite":
         raise ValueError(f"--out should name a .tflite file, got {out}")
+    if args.bundle == "litertlm" and out.with_suffix(".litertlm").exists() and not args.overwrite:
+        raise ValueError(f"{out.with_suffix('.litertlm')} exists; pass --overwrite to replace it")
     if args.model is None:
         from gemma_keras.tiny_task import tiny_model_dir
 
@@ -80,4 +85,9 @@ def run(args):
     if tokenizer.is_file() and not beside.exists():
         shutil.copyfile(tokenizer, beside)
         print(f"copied {tokenizer} to {beside}")
+    if args.bundle == "litertlm":
+        from gemma_keras.tflite.litertlm import write_litertlm
+
+        bundle = write_litertlm(out, tokenizer, out.with_suffix(".litertlm"))
+        print(f"wrote {bundle} ({bundle.stat().st_size:,} bytes) for the LiteRT-LM engine")
     return 0
