@@ -73,3 +73,16 @@ def test_logits_match_transformers(tiny_lm):
 def test_reverse_answers_read_well(tiny_lm):
     answers = tiny_task.keras_answers(tiny_lm, ["reverse: red fish blue fish"])
     assert answers == ["fish blue fish red"]
+
+
+def test_demo_learns_the_new_task_and_saves_a_loadable_model(tmp_path):
+    """`gemma-keras demo` without its export part (the exports have their own tests)."""
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.demo import run_demo
+
+    lines = []
+    result = run_demo(tmp_path, exports=False, echo=lines.append)
+    assert result["before"] <= 0.1 and result["after"] >= 0.9, result
+    assert any("before ->" in line for line in lines)
+    model = Gemma2CausalLM.from_pretrained(tmp_path / "tiny-repeat")
+    assert tiny_task.keras_answers(model, ["repeat: cat dog sun"]) == ["cat dog sun"]
