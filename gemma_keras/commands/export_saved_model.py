@@ -14,8 +14,9 @@ def register(subparsers):
                     "a SavedModel that tensorflow_model_server --model_base_path=OUT serves: "
                     "signature serving_default (prompts -> completions) and score (token ids "
                     "-> log-probabilities). The version directory appears only when complete.")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="a model directory (gemma-keras or Hugging Face, with tokenizer.model)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a model directory (gemma-keras or Hugging Face, with tokenizer.model; "
+                        "default: the bundled tiny model)")
     p.add_argument("--out", required=True, metavar="BASE_DIR",
                    help="the model base path (versions are its numbered subdirectories)")
     p.add_argument("--version", type=int, default=None,
@@ -42,6 +43,10 @@ def run(args):
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.saved_model import export_saved_model
 
+    if args.model is None:
+        from gemma_keras.tiny_task import tiny_model_dir
+
+        args.model = str(tiny_model_dir())
     model = Gemma2CausalLM.from_pretrained(args.model, dtype=args.dtype)
     tokenizer = args.tokenizer
     if tokenizer is None and getattr(model, "tokenizer", None) is None:
