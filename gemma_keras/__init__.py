@@ -17,6 +17,10 @@ _EXPORTS = {
     "Gemma2Attention": "gemma_keras.attention",
     "Gemma2DecoderBlock": "gemma_keras.decoder_block",
     "RMSNorm": "gemma_keras.layers",
+    "GemmaTokenizer": "gemma_keras.tokenizer",
+    "load_hf_checkpoint": "gemma_keras.converters",
+    "save_hf_checkpoint": "gemma_keras.converters",
+    "export_saved_model": "gemma_keras.saved_model",
 }
 
 __all__ = sorted(_EXPORTS)

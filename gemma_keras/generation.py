@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import keras
@@ -30,6 +31,7 @@ import numpy as np
 from keras import ops
 
 from gemma_keras.samplers import get_sampler
+from gemma_keras.tokenizer import stream_text
 
 PREFILL_CHUNK = 32
 MIN_CACHE = 64
@@ -334,27 +336,10 @@ def stream(model, prompt, max_new_tokens=64, sampler="greedy", stop_token_ids=No
         raise ValueError("stream takes one prompt (a string or a token-id list); use "
                          "generate for a batch")
     stop = _stop_ids(model.config, stop_token_ids)
-    tokens, shown = [], ""
-    for step_ids, _ in generate_ids(model, ids, max_new_tokens, sampler, stop_token_ids, seed,
-                                    max_length, truncate, temperature, top_k, top_p):
-        token = int(step_ids[0])
-        if token in stop:
-            break
-        if not is_text:
-            yield token
-            continue
-        tokens.append(token)
-        text = model.tokenizer.decode(tokens)
-        # Hold back a piece that ends inside a multi-byte character (byte fallback).
-        if text.endswith("\ufffd") or not text.startswith(shown):
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    if is_text:
-        text = model.tokenizer.decode(tokens)
-        if len(text) > len(shown) and text.startswith(shown):
-            yield text[len(shown):]
+    steps = generate_ids(model, ids, max_new_tokens, sampler, stop_token_ids, seed,
+                         max_length, truncate, temperature, top_k, top_p)
+    tokens = itertools.takewhile(lambda t: t not in stop, (int(s[0]) for s, _ in steps))
+    yield from stream_text(model.tokenizer, tokens) if is_text else tokens
 
 
 # ------------------------------------------------------------ loading and chatting

@@ -195,6 +195,26 @@ class GemmaTokenizer:
         return f"GemmaTokenizer({self._proto_path!r}, vocab_size={self.vocab_size})"
 
 
+def stream_text(tokenizer, token_ids):
+    """Yield the text of a growing sequence of `token_ids` piece by piece.
+
+    Joined, the pieces equal `tokenizer.decode(all ids)`. A piece that would end inside a
+    multi-byte character (byte fallback) is held back until the character is complete.
+    """
+    tokens, shown = [], ""
+    for token in token_ids:
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(tokens)
+    if len(text) > len(shown) and text.startswith(shown):
+        yield text[len(shown):]
+
+
 def train_sentencepiece(texts, out_prefix, vocab_size, model_type="unigram",
                         byte_fallback=False, **trainer_kwargs) -> str:
     """Train a small SentencePiece model with Gemma's special ids; return the `.model` path.

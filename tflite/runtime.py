@@ -15,11 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
 
 from gemma_keras.samplers import get_sampler
+from gemma_keras.tokenizer import stream_text
 from gemma_keras.tflite.signatures import (
     DECODE,
     INPUT_POS,
@@ -214,26 +216,10 @@ class GemmaTFLite:
         """
         ids, is_text = self._prompt_ids(prompt)
         stop = {EOS_ID, END_OF_TURN_ID} if stop_token_ids is None else set(stop_token_ids)
-        tokens, shown = [], ""
-        for token in self.generate_ids(ids, max_new_tokens, sampler, seed, stop_token_ids,
-                                       temperature, top_k, top_p):
-            if token in stop:
-                break
-            if not is_text:
-                yield token
-                continue
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens)
-            # Hold back a piece that ends inside a multi-byte character (byte fallback).
-            if text.endswith("\ufffd") or not text.startswith(shown):
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
-        if is_text:
-            text = self.tokenizer.decode(tokens)
-            if len(text) > len(shown) and text.startswith(shown):
-                yield text[len(shown):]
+        steps = self.generate_ids(ids, max_new_tokens, sampler, seed, stop_token_ids,
+                                  temperature, top_k, top_p)
+        tokens = itertools.takewhile(lambda t: t not in stop, steps)
+        yield from stream_text(self.tokenizer, tokens) if is_text else tokens
 
     def generate(self, prompt, max_new_tokens=64, sampler="greedy", seed=None, **kwargs):
         """The completion of `prompt`: a string for a text prompt, ids for a token-id list.
