@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 # Per decoder block: HF name suffix -> (path of the Keras layer inside the block, transpose).
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "input_layernorm.weight": ("input_layernorm.scale", False),
     "post_attention_layernorm.weight": ("post_attention_layernorm.scale", False),
     "pre_feedforward_layernorm.weight": ("pre_feedforward_layernorm.scale", False),
@@ -53,7 +53,7 @@ def weight_specs(backbone) -> list[WeightSpec]:
         WeightSpec("model.norm.weight", backbone.final_norm.scale, False),
     ]
     for i, block in enumerate(backbone.blocks):
-        for suffix, (path, transpose) in _BLOCK_TENSORS.items():
+        for suffix, (path, transpose) in BLOCK_TENSORS.items():
             specs.append(WeightSpec(f"model.layers.{i}.{suffix}", _resolve(block, path), transpose))
     return specs
 

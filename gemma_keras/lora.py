@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from gemma_keras.converters.weight_map import _BLOCK_TENSORS
+from gemma_keras.converters.weight_map import BLOCK_TENSORS
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -34,7 +34,7 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json
 # converters' weight table.
 _PROJECTIONS = {
     suffix.split(".")[-2]: (suffix[: -len(".weight")], path[: -len(".kernel")])
-    for suffix, (path, _) in _BLOCK_TENSORS.items()
+    for suffix, (path, _) in BLOCK_TENSORS.items()
     if path.endswith(".kernel")
 }
 
