@@ -27,6 +27,7 @@ def atomic_directory(out_dir, overwrite=False):
                                 dir=out_dir.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; readers may be other users
         if out_dir.exists():
             old = tmp.with_suffix(".old")
             os.replace(out_dir, old)
@@ -64,3 +65,10 @@ def attach_tokenizer(model, directory):
             return model
         model.tokenizer = GemmaTokenizer(path)
     return model
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -269,6 +269,9 @@ def write_litertlm(tflite_path, tokenizer_path, out_path, max_num_tokens=None, *
         builder.add_llm_metadata(meta_path)
         with os.fdopen(fd, "wb") as f:
             builder.build(f)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; apps may run as other users
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
