@@ -14,9 +14,16 @@ DYNAMIC_UPDATE_SLICE), and its RoPE position is `input_pos[t]`. Sliding-window l
 their window constraint inside the graph from `input_pos` and the slot index.
 
 The model's own Keras layers run the graph (TensorFlow backend, `backbone.run_blocks` with
-explicit positions and masks). Only the tied embedding's two uses are written here: the token
-lookup and the output head, `matmul(hidden, table, transpose_b=True)`, which the converter maps
-to FULLY_CONNECTED on the very tensor the lookup reads (one stored copy; see `table`).
+explicit positions and masks), except that every Dense reads a transposed [out, in] copy of its
+kernel through `matmul(x, w, transpose_b=True)`, which the converter maps to FULLY_CONNECTED
+as is (see `_ExportWeights`). The tied embedding's two uses are written here: the token lookup
+and the output head, `matmul(hidden, table, transpose_b=True)`, which the converter maps to
+FULLY_CONNECTED on the very tensor the lookup reads (one stored copy; see `table`).
+
+Memory: the export holds each weight once. The Keras weights are swapped for the export's
+copies one at a time, all of them are released while the converter runs (it reads the
+SavedModel from disk), and the Keras model gets its weights back, bit for bit, at the end
+(also when the export fails).
 
 This module imports TensorFlow; `gemma_keras.tflite` imports it only when exporting.
 """
@@ -91,7 +98,7 @@ def _check_lengths(config, kv_cache_max_len, prefill_lens):
 class _GemmaSignatures:
     """Builds the tf.functions of one export (a tf.Module holding the Keras model)."""
 
-    def __init__(self, model, kv_cache_max_len):
+    def __init__(self, model, kv_cache_max_len, weights):
         import tensorflow as tf
 
         self.tf = tf
@@ -99,10 +106,10 @@ class _GemmaSignatures:
         self.config = model.config
         self.cache_len = kv_cache_max_len
         self.module = tf.Module()
-        # Track the tf.Variables under the Keras variables: the converter freezes those into
-        # constants, whereas tracked Keras variables stay resource variables (VAR_HANDLE /
+        # Track plain tf.Variables (`_ExportWeights.variables`): the converter freezes those
+        # into constants, whereas tracked Keras variables stay resource variables (VAR_HANDLE /
         # READ_VARIABLE) that no signature initialises.
-        self.module.weights = [v.value for v in model.variables]
+        self.module.weights = weights.variables
 
     def cache_specs(self):
         tf = self.tf
@@ -194,6 +201,124 @@ class _GemmaSignatures:
         return functions
 
 
+class _ExportWeights:
+    """The weights the export graph reads, holding each weight once for the whole export.
+
+    A context manager around one export of `model`:
+    - on entry, each Dense kernel [in, out] is copied, one at a time, into a new tf.Variable
+      holding its transpose [out, in], and the Keras kernel's buffer is released right after;
+      until exit, each Dense computes `matmul(reshape(x, [-1, in]), w, transpose_b=True)` from
+      it (FULLY_CONNECTED with no TRANSPOSE for the converter to fold into a new constant per
+      signature). `variables` lists the export's weights, one per `model.variables`: the
+      transposed kernels and, for everything else, the Keras variables' own tf.Variables;
+    - `release()`, once the SavedModel is written, frees every weight (the converter reads
+      them from the SavedModel's checkpoint);
+    - on exit, even after an error, each Keras weight is put back bit for bit, one at a time:
+      from memory if still held, else from `checkpoint` (the SavedModel's
+      `variables/variables`), and each Dense gets its own `call` back.
+    Refuses Dense layers with LoRA adapters or Keras quantization.
+    """
+
+    def __init__(self, model, checkpoint, restore=True):
+        import keras
+        import tensorflow as tf
+
+        self.tf = tf
+        self.model = model
+        self.checkpoint = str(checkpoint)
+        self.restore_model = restore
+        dense = [layer for layer in model._flatten_layers(include_self=False)
+                 if isinstance(layer, keras.layers.Dense)]
+        for layer in dense:
+            if layer.lora_enabled:
+                raise ValueError(f"layer {layer.path!r} has LoRA adapters; merge them into the "
+                                 f"weights first (model.merge_lora()), then export")
+            if layer.quantization_mode is not None:
+                raise ValueError(f"layer {layer.path!r} is Keras-quantized "
+                                 f"({layer.quantization_mode}); export a float32 model and "
+                                 f"choose the file's quantization with `quantize`")
+        self.dense = {id(layer.kernel): layer for layer in dense}
+        self.keras_variables = list(model.variables)
+        self.variables = []  # the export's weights, index-aligned with keras_variables
+        self.released = set()  # indices of keras_variables whose buffer is freed
+        self.from_checkpoint = False  # True once `release` freed the export's copies too
+
+    def _free(self, variable):
+        """Shrink `variable` (a tf.Variable) to an empty tensor in place, freeing its buffer
+        (deleting Python references would not: the traced functions hold the handles)."""
+        self.tf.raw_ops.AssignVariableOp(resource=variable.handle,
+                                         value=self.tf.zeros([0], variable.dtype),
+                                         validate_shape=False)
+
+    def _is_transposed(self, index):
+        return id(self.keras_variables[index]) in self.dense
+
+    def __enter__(self):
+        tf = self.tf
+        try:
+            for index, variable in enumerate(self.keras_variables):
+                layer = self.dense.get(id(variable))
+                if layer is None:
+                    self.variables.append(variable.value)
+                    continue
+                transposed = tf.Variable(tf.transpose(variable.value), trainable=False,
+                                         name=variable.name + "_t")
+                self.variables.append(transposed)
+                self._free(variable.value)
+                self.released.add(index)
+                object.__setattr__(layer, "call", self._transposed_call(layer, transposed))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _transposed_call(self, layer, weight):
+        tf = self.tf
+        units, features = weight.shape
+
+        def call(inputs, training=None):
+            lead = inputs.shape[:-1]
+            x = tf.matmul(tf.reshape(inputs, [-1, features]), weight, transpose_b=True)
+            if layer.bias is not None:
+                x = x + layer.bias
+            shape = (lead.as_list() + [units] if lead.is_fully_defined()
+                     else tf.concat([tf.shape(inputs)[:-1], [units]], 0))
+            x = tf.reshape(x, shape)
+            return layer.activation(x) if layer.activation is not None else x
+
+        return call
+
+    def release(self):
+        """Free every weight, the export's copies and the Keras variables alike (call once the
+        SavedModel is written: they are restored from its checkpoint)."""
+        self.from_checkpoint = True
+        for index, variable in enumerate(self.variables):
+            self._free(variable)
+            self.released.add(index)
+
+    def __exit__(self, *exc):
+        tf = self.tf
+        for layer in self.dense.values():
+            if "call" in vars(layer):
+                object.__delattr__(layer, "call")
+        if not self.restore_model:
+            return
+        reader = tf.train.load_checkpoint(self.checkpoint) if self.from_checkpoint else None
+        for index in sorted(self.released):
+            if reader is not None:
+                value = reader.get_tensor(f"weights/{index}/.ATTRIBUTES/VARIABLE_VALUE")
+            else:
+                value = self.variables[index].read_value()
+            if self._is_transposed(index):
+                value = tf.transpose(value)
+                if reader is None:
+                    self._free(self.variables[index])
+            tf.raw_ops.AssignVariableOp(resource=self.keras_variables[index].value.handle,
+                                        value=value, validate_shape=False)
+            del value
+        self.released.clear()
+
+
 def _convert(saved_model_dir, signature_keys, quantize):
     """TensorFlow's converter on the SavedModel: builtin ops only, one copy of each weight."""
     import tensorflow as tf
@@ -256,6 +381,7 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
     _require_tensorflow_backend()
     import tensorflow as tf
 
+    restore = not isinstance(model, (str, os.PathLike))  # nobody else holds a model we load
     model = _load_model(model)
     kv_cache_max_len, prefill_lens = _check_lengths(model.config, kv_cache_max_len, prefill_lens)
     for quantize in outputs:
@@ -269,25 +395,31 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
                    for q in outputs}
     steps = _progress(progress, total=2 + len(conversions) + len(outputs))
     with tempfile.TemporaryDirectory(prefix=".gemma_tflite_", dir=work_parent) as work:
-        signatures = _GemmaSignatures(model, kv_cache_max_len)
-        functions = signatures.concrete_functions(prefill_lens)
-        steps.update("traced signatures")
         saved_model_dir = Path(work) / "saved_model"
-        tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
-        steps.update("wrote SavedModel")
-        converted = {}
-        for mode in sorted(conversions):
-            converted[mode] = _convert(saved_model_dir, list(functions), mode)
-            steps.update(f"converted ({mode})")
-        if any(q in quantize_lib.AI_EDGE_RECIPES for q in outputs):
-            lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])
-        for quantize, out in outputs.items():
-            if quantize in quantize_lib.AI_EDGE_RECIPES:
-                flatbuffer = quantize_lib.quantize_flatbuffer(lookups, quantize)
-            else:
-                flatbuffer = converted[quantize]
-            _write_atomically(out, flatbuffer)
-            steps.update(f"wrote {out.name}")
+        checkpoint = saved_model_dir / "variables" / "variables"
+        with _ExportWeights(model, checkpoint, restore=restore) as weights:
+            signatures = _GemmaSignatures(model, kv_cache_max_len, weights)
+            functions = signatures.concrete_functions(prefill_lens)
+            steps.update("traced signatures")
+            tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
+            steps.update("wrote SavedModel")
+            # From here on the weights live only in the SavedModel (and its checkpoint): the
+            # converter's peak is the process's peak.
+            weights.release()
+            converted = {}
+            for mode in sorted(conversions):
+                converted[mode] = _convert(saved_model_dir, list(functions), mode)
+                steps.update(f"converted ({mode})")
+            if any(q in quantize_lib.AI_EDGE_RECIPES for q in outputs):
+                lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])
+            for quantize, out in outputs.items():
+                if quantize in quantize_lib.AI_EDGE_RECIPES:
+                    flatbuffer = quantize_lib.quantize_flatbuffer(lookups, quantize)
+                else:
+                    flatbuffer = converted[quantize]
+                _write_atomically(out, flatbuffer)
+                steps.update(f"wrote {out.name}")
+        # (leaving `_ExportWeights` restored the Keras weights from the checkpoint)
     steps.close()
     return outputs
 
