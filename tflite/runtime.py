@@ -1,6 +1,6 @@
 """`GemmaTFLite`: generate text from an exported `.tflite` file without TensorFlow or Keras.
 
-Needs only `ai-edge-litert` (the LiteRT interpreter), `numpy` and `sentencepiece` (through
+Needs only `ai-edge-litert` (LiteRT's `CompiledModel`), `numpy` and `sentencepiece` (through
 `gemma_keras.tokenizer`, whose TensorFlow parts load only on use). Sampling reuses
 `gemma_keras.samplers` (NumPy), so a seed gives the same tokens as the Keras model's
 `generate` for the same logits.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import numpy as np
 
@@ -34,6 +35,54 @@ from gemma_keras.tflite.signatures import (
 )
 
 EOS_ID, END_OF_TURN_ID, PAD_ID = 1, 107, 0
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}
+_CACHE_SUFFIX = ".xnnpack_cache"
+
+
+def _weight_cache_path(path, weight_cache):
+    """The XNNPACK weight cache file for `path` (see `GemmaTFLite`), or None."""
+    if weight_cache is False or weight_cache is None:
+        return None
+    if weight_cache is not True:
+        return os.fspath(weight_cache)
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        return None
+    st = os.stat(path)
+    return f"{path}.{st.st_size}-{st.st_mtime_ns}{_CACHE_SUFFIX}"
+
+
+def _remove_stale_caches(path, keep):
+    """Delete the weight cache files of earlier versions of `path` (other size or mtime)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stale = re.compile(re.escape(name) + r"\.\d+-\d+" + re.escape(_CACHE_SUFFIX) + "$")
+    for other in os.listdir(folder):
+        full = os.path.join(folder, other)
+        if stale.match(other) and full != os.path.abspath(keep):
+            try:
+                os.remove(full)
+            except OSError:
+                pass
+
+
+class _Signature:
+    """One signature of a `CompiledModel` with its buffers: the small inputs (tokens,
+    positions, mask), the outputs that are not caches (decode's logits), and the shared cache
+    buffers as both input and output."""
+
+    def __init__(self, model, name, caches):
+        self.model, self.name = model, name
+        inputs = [n for n in model.get_input_tensor_details(name) if n not in caches]
+        outputs = [n for n in model.get_output_tensor_details(name) if n not in caches]
+        self.inputs = {n: model.create_input_buffer_by_name(name, n) for n in inputs}
+        self.outputs = {n: model.create_output_buffer_by_name(name, n) for n in outputs}
+        self._input_map = {**self.inputs, **caches}
+        self._output_map = {**self.outputs, **caches}
+
+    def __call__(self, tokens, positions, mask):
+        self.inputs[TOKENS].write(tokens)
+        self.inputs[INPUT_POS].write(positions)
+        self.inputs[MASK].write(mask)
+        self.model.run_by_name(self.name, self._input_map, self._output_map)
 
 
 class GemmaTFLite:
@@ -43,39 +92,68 @@ class GemmaTFLite:
       path: the `.tflite` file, with `prefill_<T>` and `decode` signatures.
       tokenizer_path: Gemma's SentencePiece `tokenizer.model`; default: a `tokenizer.model`
         beside the file, if there is one. Without a tokenizer, prompts must be token ids.
-      num_threads: interpreter threads.
+      num_threads: CPU threads (XNNPACK).
+      weight_cache: XNNPACK's packed weights as a file that is memory-mapped, instead of a
+        second copy of the weights in memory. True (default): a file beside the model,
+        `<path>.<size>-<mtime_ns>.xnnpack_cache`, written on first load (about the model's
+        size; its name changes with the model file, so a re-exported model never reads a
+        stale cache); a path: that file; False: no file (XNNPACK packs in memory: resident
+        memory about twice the file). Without write access beside the model, no file.
 
-    Batch size 1. The prompt is prefilled in chunks through the prefill signatures (the
-    largest first, then the smallest that holds the rest), its last token through `decode`,
-    which returns the logits the first new token is sampled from.
+    Runs on LiteRT's `CompiledModel` with XNNPACK. Each KV cache is one buffer passed as both
+    input and output of every signature, so the graph writes the new slots in place: nothing
+    copies the caches between steps. Batch size 1. The prompt is prefilled in chunks through
+    the prefill signatures (the largest first, then the smallest that holds the rest), its last
+    token through `decode`, which returns the logits the first new token is sampled from.
     """
 
-    def __init__(self, path, tokenizer_path=None, num_threads=2):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path, tokenizer_path=None, num_threads=2, weight_cache=True):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.options import Options
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"TFLite model not found: {path}")
         self.path = path
+        self.weight_cache_path = _weight_cache_path(path, weight_cache)
+        building = self.weight_cache_path and not os.path.isfile(self.weight_cache_path)
+        # XNNPACK writes the cache while the model loads; write it under a temporary name
+        # and rename it when complete, so a crash or a concurrent load never sees half a file.
+        xnnpack_cache = (f"{self.weight_cache_path}.{os.getpid()}.tmp" if building
+                         else self.weight_cache_path or "")
+        options = Options(cpu_options=CpuOptions(num_threads=num_threads,
+                                                 xnnpack_weight_cache_path=xnnpack_cache))
         try:
-            self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+            self.model = CompiledModel.from_file(path, options=options)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"{path} is not a readable .tflite model: {e}") from None
-        signatures = self.interpreter.get_signature_list()
+        if building and os.path.isfile(xnnpack_cache):
+            os.replace(xnnpack_cache, self.weight_cache_path)
+            if weight_cache is True:
+                _remove_stale_caches(path, keep=self.weight_cache_path)
+
+        signatures = self.model.get_signature_list()
         self.prefill_lens = prefill_lengths(signatures)
         if DECODE not in signatures:
             raise ValueError(f"{path} has no '{DECODE}' signature (found {sorted(signatures)}); "
                              "export it with gemma_keras.tflite.export_tflite")
-        self._decode = self.interpreter.get_signature_runner(DECODE)
-        self._prefill = {t: self.interpreter.get_signature_runner(prefill_name(t))
-                         for t in self.prefill_lens}
-        inputs = self._decode.get_input_details()
+        inputs = self.model.get_input_tensor_details(DECODE)
         self.cache_names = sorted(n for n in inputs if n.startswith("kv_cache_"))
-        self._cache_specs = {n: (tuple(inputs[n]["shape"]), inputs[n]["dtype"])
-                             for n in self.cache_names}
         self.cache_len = int(inputs[MASK]["shape"][-1])
-        self.vocab_size = int(self._decode.get_output_details()[LOGITS]["shape"][-1])
-        self._cache, self._pos = None, 0  # set by `start`
+        self.vocab_size = int(self.model.get_output_tensor_details(DECODE)[LOGITS]["shape"][-1])
+        # One buffer per cache, shared by every signature as input and output (in place).
+        # Slots past the current position are masked, so they only need to hold finite
+        # values: zeros once here, then whatever an earlier prompt left.
+        self._caches = {}
+        for name in self.cache_names:
+            buffer = self.model.create_input_buffer_by_name(DECODE, name)
+            buffer.write(np.zeros(inputs[name]["shape"], _DTYPES[inputs[name]["dtype"]]))
+            self._caches[name] = buffer
+        self._signatures = {1: _Signature(self.model, DECODE, self._caches)}
+        for t in self.prefill_lens:
+            self._signatures[t] = _Signature(self.model, prefill_name(t), self._caches)
+        self._pos = None  # set by `start`
 
         if tokenizer_path is None:
             beside = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model")
@@ -91,24 +169,19 @@ class GemmaTFLite:
                 f"prefill_lens={self.prefill_lens}, vocab_size={self.vocab_size})")
 
     # ------------------------------------------------------------ model steps
-    def _new_cache(self):
-        return {n: np.zeros(shape, dtype) for n, (shape, dtype) in self._cache_specs.items()}
-
     def _mask(self, positions):
         """Additive mask [1, 1, T, S]: query at position p sees cache slots 0..p."""
         slots = np.arange(self.cache_len)[None, :]
         visible = slots <= np.asarray(positions)[:, None]
         return np.where(visible, 0.0, MASK_HIDDEN).astype(np.float32)[None, None]
 
-    def _run(self, runner, seq_len, tokens, start, cache):
-        """Run `tokens` (at most `seq_len`) at positions start.. through a signature whose
-        length is `seq_len`, padding with token 0; returns its outputs."""
-        n = len(tokens)
+    def _run(self, seq_len, tokens, start):
+        """Run `tokens` (at most `seq_len`) at positions start.. through the signature whose
+        length is `seq_len` (1: decode), padding with token 0; the caches update in place."""
         ids = np.full((1, seq_len), PAD_ID, np.int32)
-        ids[0, :n] = tokens
+        ids[0, :len(tokens)] = tokens
         positions = np.arange(start, start + seq_len, dtype=np.int32)
-        return runner(**{TOKENS: ids, INPUT_POS: positions, MASK: self._mask(positions)},
-                      **cache)
+        self._signatures[seq_len](ids, positions, self._mask(positions))
 
     def _prefill_plan(self, start, count):
         """Chunks `(seq_len, n_tokens)` that prefill `count` tokens from position `start`.
@@ -140,27 +213,23 @@ class GemmaTFLite:
         if len(token_ids) > self.cache_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but the model's cache "
                              f"holds {self.cache_len} (kv_cache_max_len of {self.path})")
-        self._cache = self._new_cache()
-        self._pos = 0
+        self._pos = None
         pos = 0
         for seq_len, n in self._prefill_plan(0, len(token_ids) - 1):
-            runner = self._decode if seq_len == 1 else self._prefill[seq_len]
-            out = self._run(runner, seq_len, token_ids[pos:pos + n], pos, self._cache)
-            self._cache = {name: out[name] for name in self.cache_names}
+            self._run(seq_len, token_ids[pos:pos + n], pos)
             pos += n
         self._pos = pos
         return self.step(token_ids[-1])
 
     def step(self, token_id):
         """Feed one token at the next position; returns float32 logits [vocab]."""
-        if self._cache is None:
+        if self._pos is None:
             raise ValueError("call start(prompt_ids) before step()")
         if self._pos >= self.cache_len:
             raise ValueError(f"the cache of {self.cache_len} slots is full")
-        out = self._run(self._decode, 1, [int(token_id)], self._pos, self._cache)
-        self._cache = {name: out[name] for name in self.cache_names}
+        self._run(1, [int(token_id)], self._pos)
         self._pos += 1
-        return np.asarray(out[LOGITS], np.float32).reshape(-1)
+        return self._signatures[1].outputs[LOGITS].read(self.vocab_size, np.float32)
 
     def _check_ids(self, token_ids):
         ids = [int(t) for t in token_ids]
