@@ -1,0 +1,199 @@
+"""Streaming requantization of a dynamic-int8 export to int4 blockwise (`tflite/requantize.py`).
+
+A random Gemma 2 is exported once as dynamic int8 and, by ai-edge-quantizer on the float32
+conversion, as int4 block 32 and 128. The requantized int8 file must equal ai-edge-quantizer's
+file wherever the weights are concerned (values, scales, tensor types and quantization
+parameters, op codes, versions and options), decode the same logits, keep the tied embedding
+one tensor, and refuse bad inputs with a clear error and no file left behind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY_HF_CONFIG
+from test_tflite_export import random_keras_lm
+
+VOCAB, HIDDEN = 2048, 128
+CONFIG = {**TINY_HF_CONFIG, "model_type": "gemma2", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+          "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24}
+MODES = ("int4_block32", "int4_block128")
+
+
+@pytest.fixture(scope="module")
+def keras_lm():
+    return random_keras_lm(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def exported(keras_lm, tmp_path_factory):
+    from gemma_keras.tflite.export import export_tflite_variants
+
+    out = tmp_path_factory.mktemp("requantize_export")
+    modes = ("dynamic_int8",) + MODES
+    return export_tflite_variants(keras_lm, {q: out / f"{q}.tflite" for q in modes},
+                                  kv_cache_max_len=32, prefill_lens=(4,), progress=False)
+
+
+@pytest.fixture(scope="module")
+def requantized(keras_lm, exported, tmp_path_factory):
+    from gemma_keras.tflite.requantize import keras_weights, requantize_tflite
+
+    out = tmp_path_factory.mktemp("requantized")
+    weights = keras_weights(keras_lm)
+    return {q: requantize_tflite(exported["dynamic_int8"], weights, q, out / f"{q}.tflite")
+            for q in MODES}
+
+
+def _load(path):
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = path.read_bytes()
+    return data, schema.ModelT.InitFromPackedBuf(data, 0)
+
+
+def _bytes(data, model, index):
+    buffer = model.buffers[index]
+    if buffer.data is not None:
+        return np.asarray(buffer.data, np.uint8).tobytes()
+    return data[buffer.offset:buffer.offset + buffer.size]
+
+
+def _op_codes(model):
+    return [(max(c.builtinCode, c.deprecatedBuiltinCode), c.version)
+            for c in model.operatorCodes]
+
+
+def _fields(obj, drop=()):
+    return {k: (np.asarray(v).tolist() if isinstance(v, (list, np.ndarray)) else v)
+            for k, v in vars(obj).items() if k not in drop}
+
+
+@pytest.mark.parametrize("quantize", MODES)
+def test_same_encoding_as_ai_edge_quantizer(exported, requantized, quantize):
+    """Op by op, every int4 weight (and its scales tensor) equals ai-edge-quantizer's in
+    bytes, type, shape and quantization parameters; op codes, versions and options match."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    ours_data, ours = _load(requantized[quantize])
+    ref_data, ref = _load(exported[quantize])
+    assert _op_codes(ours) == _op_codes(ref)
+    compared = 0
+    for ours_sg, ref_sg in zip(ours.subgraphs, ref.subgraphs, strict=True):
+        assert ([ours.operatorCodes[o.opcodeIndex].builtinCode for o in ours_sg.operators]
+                == [ref.operatorCodes[o.opcodeIndex].builtinCode for o in ref_sg.operators])
+        for ours_op, ref_op in zip(ours_sg.operators, ref_sg.operators):
+            assert ours_op.builtinOptionsType == ref_op.builtinOptionsType
+            if ref_op.builtinOptions is not None:
+                assert _fields(ours_op.builtinOptions) == _fields(ref_op.builtinOptions)
+            for i, j in zip(ours_op.inputs, ref_op.inputs, strict=True):
+                if j < 0 or ref_sg.tensors[j].type != schema.TensorType.INT4:
+                    continue
+                a, b = ours_sg.tensors[i], ref_sg.tensors[j]
+                assert _fields(a, ("name", "buffer", "quantization")) == \
+                    _fields(b, ("name", "buffer", "quantization"))
+                assert _fields(a.quantization, ("details",)) == \
+                    _fields(b.quantization, ("details",))
+                assert _fields(a.quantization.details, ("scales",)) == \
+                    _fields(b.quantization.details, ("scales",))
+                assert _bytes(ours_data, ours, a.buffer) == _bytes(ref_data, ref, b.buffer)
+                sa = ours_sg.tensors[a.quantization.details.scales]
+                sb = ref_sg.tensors[b.quantization.details.scales]
+                assert sa.name == a.name + b"_scales" and sb.name == b.name + b"_scales"
+                assert _fields(sa, ("name", "buffer")) == _fields(sb, ("name", "buffer"))
+                assert _bytes(ours_data, ours, sa.buffer) == _bytes(ref_data, ref, sb.buffer)
+                compared += 1
+    weight_ops = (schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.EMBEDDING_LOOKUP)
+    assert compared == sum(ref.operatorCodes[op.opcodeIndex].builtinCode in weight_ops
+                           for subgraph in ref.subgraphs for op in subgraph.operators)
+
+
+def test_decode_logits_equal_ai_edge_quantizer(exported, requantized):
+    from gemma_keras.tflite import GemmaTFLite
+
+    ids = [2] + np.random.default_rng(0).integers(3, VOCAB, 9).tolist()
+    logits = {}
+    for name, path in [("ours", requantized["int4_block32"]),
+                       ("ai-edge-quantizer", exported["int4_block32"])]:
+        runtime = GemmaTFLite(path)
+        logits[name] = np.stack([runtime.start(ids[:3])] + [runtime.step(t) for t in ids[3:]])
+    assert np.isfinite(logits["ours"]).all()
+    np.testing.assert_allclose(logits["ours"], logits["ai-edge-quantizer"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", MODES)
+def test_tied_embedding_stays_one_tensor(exported, requantized, quantize):
+    from gemma_keras.tflite.file_info import TFLiteFileInfo
+
+    info = TFLiteFileInfo(requantized[quantize])
+    assert len(info.buffers_of_shape((VOCAB, HIDDEN))) == 1
+    ops = info.op_names()
+    assert "EMBEDDING_LOOKUP" in ops and not ops & {"GATHER", "DEQUANTIZE"}
+    assert info.custom_ops() == []
+    # Same weights as ai-edge-quantizer's file; the rest (the converter's graph) barely differs.
+    reference = TFLiteFileInfo(exported[quantize])
+    assert info.stored_bytes() == pytest.approx(reference.stored_bytes(), rel=0.01)
+    assert info.signature_names() == reference.signature_names()
+
+
+def test_transposed_and_renamed_sources_give_the_same_file(keras_lm, exported, requantized,
+                                                           tmp_path):
+    """Matching is by value: Dense kernels given as [out, in] under other names work too."""
+    from gemma_keras.tflite.requantize import keras_weights, requantize_tflite
+
+    weights = {f"w{i}": (v().T if v().ndim == 2 and "embed" not in k else v())
+               for i, (k, v) in enumerate(keras_weights(keras_lm).items())}
+    out = requantize_tflite(exported["dynamic_int8"], weights, "int4_block32", tmp_path / "t")
+    assert out.read_bytes() == requantized["int4_block32"].read_bytes()
+
+
+def _refused(tmp_path, source, weights, match, quantize="int4_block32"):
+    from gemma_keras.tflite.requantize import requantize_tflite
+
+    out = tmp_path / "out" / "model.tflite"
+    out.parent.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match=match):
+        requantize_tflite(source, weights, quantize, out)
+    assert not list(out.parent.iterdir()), "a refused requantization left files behind"
+
+
+def test_bad_inputs_are_refused_and_leave_no_file(keras_lm, exported, tmp_path):
+    from gemma_keras.tflite.requantize import keras_weights
+
+    int8 = exported["dynamic_int8"]
+    good = keras_weights(keras_lm)
+    q_proj = "decoder_block_1/self_attn/q_proj/kernel"
+    missing = {k: v for k, v in good.items() if k != q_proj}
+    _refused(tmp_path, int8, missing, r"no float weight matches tensor "
+             r"'decoder_block_1.*q_proj.*' \[128, 128\]")
+    wrong_shape = {**good, q_proj: np.zeros((HIDDEN, 96), np.float32)}
+    _refused(tmp_path, int8, wrong_shape, "no float weight matches tensor 'decoder_block_1")
+    no_cap = {**good, "embed_tokens/embeddings": keras_lm.backbone.embed_tokens.embeddings.numpy}
+    _refused(tmp_path, int8, no_cap, r"closest, 'embed_tokens/embeddings', .*final_logit")
+    twice = {**good, "copy": good[q_proj]}
+    _refused(tmp_path, int8, twice, r"is ambiguous: .*'copy'")
+    _refused(tmp_path, int8, good, "quantize must be one of", quantize="int4_block64")
+
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(int8.read_bytes()[: int8.stat().st_size // 2])
+    _refused(tmp_path, truncated, good, "truncated.tflite is truncated: buffer")
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"not a model at all")
+    _refused(tmp_path, garbage, good, "garbage.tflite is not a .tflite flatbuffer")
+    float_file = exported["int4_block32"]
+    _refused(tmp_path, float_file, good, "expected an int8 .*weight")
+
+
+def test_a_value_wrong_off_the_sample_fails_while_writing(keras_lm, exported, tmp_path):
+    """One value off by many int8 steps where the first pass does not look: the write checks
+    every value, fails naming the row, and removes its partial file."""
+    from gemma_keras.tflite.requantize import keras_weights
+
+    weights = keras_weights(keras_lm)
+    name = "decoder_block_0/up_proj/kernel"  # Keras [in, out]; the file's tensor is [out, in]
+    kernel = weights[name]().copy()
+    kernel[5, 77] += 1.0
+    _refused(tmp_path, exported["dynamic_int8"], {**weights, name: kernel},
+             r"matched tensor '.*up_proj.*' on a sample but not at row 77")
