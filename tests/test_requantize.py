@@ -197,3 +197,20 @@ def test_a_value_wrong_off_the_sample_fails_while_writing(keras_lm, exported, tm
     kernel[5, 77] += 1.0
     _refused(tmp_path, exported["dynamic_int8"], {**weights, name: kernel},
              r"matched tensor '.*up_proj.*' on a sample but not at row 77")
+
+
+def test_checkpoint_weights_read_the_exporters_checkpoint(keras_lm, exported, requantized,
+                                                          tmp_path):
+    """`checkpoint_weights` reads `weights/<i>` (the i-th Keras variable, Dense kernels
+    transposed), the layout of the exporter's SavedModel checkpoint."""
+    import tensorflow as tf
+
+    from gemma_keras.tflite.requantize import checkpoint_weights, requantize_tflite
+
+    values = [v.numpy().T if v.ndim == 2 and "embed" not in v.path else v.numpy()
+              for v in keras_lm.variables]
+    path = tf.train.Checkpoint(weights=[tf.Variable(v) for v in values]).write(
+        str(tmp_path / "ckpt" / "variables"))
+    out = requantize_tflite(exported["dynamic_int8"], checkpoint_weights(path, keras_lm),
+                            "int4_block32", tmp_path / "from_checkpoint.tflite")
+    assert out.read_bytes() == requantized["int4_block32"].read_bytes()
