@@ -199,23 +199,17 @@ def expected_weight_bytes(config, quantize):
         return int(config.num_parameters() * bits / 8)
 
 
-def _release_variables(model):
-    """Free the Keras model's weight memory once its SavedModel is on disk.
+def _weights_restored(model, seed=0):
+    """Whether every weight of `random_causal_lm(config, seed)` is back after the export
+    (compares the first chunk of each variable with its regenerated values)."""
+    import numpy as np
 
-    TensorFlow's converter re-reads the weights from the SavedModel, so the float32 copy the
-    Keras model holds (10.5 GB for the 2B) is dead weight while it runs. `export_tflite` keeps
-    references to the model until it returns, so the benchmark shrinks every variable to an
-    empty tensor in place (an unvalidated-shape assign, which releases the buffer; destroying
-    the resource does not). The model is unusable afterwards."""
-    import gc
-
-    import tensorflow as tf
-
-    empty = tf.zeros([0], tf.float32)
-    for variable in model.variables:
-        tf.raw_ops.AssignVariableOp(resource=variable.value.handle, value=empty,
-                                    validate_shape=False)
-    gc.collect()
+    for index, variable in enumerate(model.variables):
+        start, block = next(_original_chunks(variable, index, seed))
+        got = np.asarray(variable.value[start:start + len(block)])
+        if tuple(variable.value.shape) != tuple(variable.shape) or not np.array_equal(got, block):
+            return False
+    return True
 
 
 def stage_export(args):
@@ -224,6 +218,7 @@ def stage_export(args):
 
     import gemma_keras.tflite.export as export_lib
     from gemma_keras.tflite import export_tflite
+    from gemma_keras.tflite.file_info import TFLiteFileInfo
 
     sampler = RssSampler()
     config = model_config(args)
@@ -232,37 +227,48 @@ def stage_export(args):
     model = random_causal_lm(config)
     build_s = time.perf_counter() - t0
 
-    # Tag the exporter's phases (and optionally free the Keras weights before converting).
-    real_save, real_convert = tf.saved_model.save, export_lib._convert
+    # Tag the exporter's phases: each wrapped call marks the phase it starts (and, for some,
+    # the one after it), and records how long it took.
+    seconds = {}
 
-    def save(*a, **k):
-        sampler.mark("trace+save SavedModel")
-        return real_save(*a, **k)
+    def phase(owner, name, label, after=None):
+        real = getattr(owner, name)
 
-    def convert(*a, **k):
-        if args.free_before_convert:
-            _release_variables(model)
-        sampler.mark("TF converter")
-        flatbuffer = real_convert(*a, **k)
-        sampler.mark("quantize+write")
-        return flatbuffer
+        def wrapped(*a, **k):
+            sampler.mark(label)
+            t = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                seconds[label] = round(seconds.get(label, 0) + time.perf_counter() - t, 1)
+                if after:
+                    sampler.mark(after)
 
-    tf.saved_model.save, export_lib._convert = save, convert
-    sampler.mark("trace")
+        setattr(owner, name, wrapped)
+
+    phase(export_lib._ExportWeights, "__enter__", "transpose kernels", after="trace")
+    phase(tf.saved_model, "save", "save SavedModel")
+    phase(export_lib._ExportWeights, "release", "release weights")
+    phase(export_lib, "_convert", "TF converter", after="quantize+write")
+    phase(export_lib._ExportWeights, "__exit__", "restore Keras weights", after="cleanup")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0 = time.perf_counter()
     export_tflite(model, out, quantize=args.quantize, kv_cache_max_len=args.cache_len,
                   prefill_lens=[int(t) for t in args.prefill_lens.split(",")], progress=False)
     export_s = time.perf_counter() - t0
     phases = sampler.stop()
+    peak = round(proc_status()["VmHWM"], 2)
+    restored = _weights_restored(model)
     size = out.stat().st_size
     expected = expected_weight_bytes(config, args.quantize)
+    info = TFLiteFileInfo(out)
     record(args, "export", config=config_name(args), quantize=args.quantize,
            cache_len=args.cache_len, prefill_lens=args.prefill_lens, path=str(out),
-           free_before_convert=bool(args.free_before_convert),
-           build_s=round(build_s, 1), export_s=round(export_s, 1), file_bytes=size,
-           weight_bytes=expected, size_ratio=round(size / expected, 4),
-           peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases,
+           build_s=round(build_s, 1), export_s=round(export_s, 1), phase_s=seconds,
+           file_bytes=size, weight_bytes=expected, size_ratio=round(size / expected, 4),
+           embedding_buffers=len(info.buffers_of_shape((config.vocab_size,
+                                                        config.hidden_size))),
+           peak_rss_gib=peak, phase_peak_rss_gib=phases, keras_weights_restored=restored,
            params=config.num_parameters())
 
 
@@ -744,8 +750,6 @@ def stage_all(args):
     common = ["--out-dir", args.out_dir, "--threads", str(args.threads)]
     if args.small:
         common.append("--small")
-    if not args.free_before_convert:
-        common.append("--no-free-before-convert")
     if args.layers:
         common += ["--layers", str(args.layers)]
     name = config_name(args)
@@ -874,8 +878,6 @@ def main():
     parser.add_argument("--runtimes", default="interpreter,compiled,aliased",
                         help="litert: which runtimes to time, in this process (run one per "
                              "process for a clean RSS)")
-    parser.add_argument("--free-before-convert", action=argparse.BooleanOptionalAction,
-                        default=True, help="free the Keras weights before the TF converter")
     parser.add_argument("--tiny-model", action="store_true",
                         help="quant-error on the bundled trained tiny model")
     parser.add_argument("--skip-transformers", action="store_true")

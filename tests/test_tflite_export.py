@@ -9,8 +9,11 @@ full forward pass and its `generate`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from ai_edge_litert import schema_py_generated as schema
 
 from conftest import TINY_HF_CONFIG
 
@@ -49,7 +52,12 @@ def keras_lm():
 
 
 @pytest.fixture(scope="module")
-def exported(keras_lm, tmp_path_factory):
+def weights_before_export(keras_lm):
+    return [v.numpy().copy() for v in keras_lm.variables]
+
+
+@pytest.fixture(scope="module")
+def exported(keras_lm, weights_before_export, tmp_path_factory):
     """{quantize: path} of the six exports."""
     from gemma_keras.tflite.export import export_tflite_variants
 
@@ -126,6 +134,136 @@ def test_one_embedding_copy_and_size(exported, keras_lm, quantize):
           f"{info.size / expected - 1:+.1%}; of which per-channel quantization parameters "
           f"{params:,}")
     assert abs((info.size - params) / expected - 1) < 0.05
+
+
+def _constant_operands(path, op_name, operand):
+    """`[(signature, shape, buffer index, values)]` of input `operand` of every `op_name`
+    operator in the file, where that input is a stored constant."""
+    data = memoryview(Path(path).read_bytes())
+    model = schema.Model.GetRootAsModel(data, 0)
+    codes = [max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
+             for c in map(model.OperatorCodes, range(model.OperatorCodesLength()))]
+    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.INT8: np.int8}
+    out = []
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for o in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(o)
+            if codes[op.OpcodeIndex()] != getattr(schema.BuiltinOperator, op_name):
+                continue
+            tensor = subgraph.Tensors(int(op.InputsAsNumpy()[operand]))
+            buffer = model.Buffers(tensor.Buffer())
+            if not (buffer.DataLength() or buffer.Size()):
+                continue  # an activation
+            dtype = dtypes.get(tensor.Type(), np.uint8)
+            values = (buffer.DataAsNumpy().view(dtype) if buffer.DataLength() else
+                      np.frombuffer(data, dtype, int(buffer.Size()) // np.dtype(dtype).itemsize,
+                                    int(buffer.Offset())))
+            shape = tuple(tensor.ShapeAsNumpy().tolist())
+            out.append((subgraph.Name().decode(), shape, tensor.Buffer(), values.reshape(shape)))
+    return out
+
+
+@pytest.mark.parametrize("quantize", ["none", "dynamic_int8"])
+def test_weights_stored_out_in_once_with_no_transpose(exported, keras_lm, quantize):
+    """Each Dense kernel is one [out, in] constant (the float32 file: its exact transpose),
+    which every signature's FULLY_CONNECTED reads; no TRANSPOSE reads a constant (the
+    attention's TRANSPOSEs move activations)."""
+    import keras
+
+    assert _constant_operands(exported[quantize], "TRANSPOSE", 0) == []
+    weights = _constant_operands(exported[quantize], "FULLY_CONNECTED", 1)
+    buffers = {}
+    for _, shape, buffer, values in weights:
+        assert buffers.setdefault(buffer, (shape, values))[0] == shape
+    kernels = [layer.kernel.numpy() for layer in keras_lm._flatten_layers()
+               if isinstance(layer, keras.layers.Dense)]
+    assert len(buffers) == len(kernels) + 1  # and the tied output head
+    assert len({b for s, _, b, _ in weights if s == "decode"}) == len(buffers)
+    stored_shapes = sorted(shape for shape, _ in buffers.values())
+    expected_shapes = sorted([k.T.shape for k in kernels] + [(VOCAB, CONFIG["hidden_size"])])
+    assert stored_shapes == expected_shapes
+    if quantize == "none":
+        for kernel in kernels:
+            assert sum(np.array_equal(kernel.T, v) for _, v in buffers.values()) == 1
+
+
+def test_keras_weights_bit_identical_after_export(exported, keras_lm, weights_before_export):
+    """The export releases the Keras weights while the converter runs and restores them."""
+    import keras
+
+    after = [v.numpy() for v in keras_lm.variables]
+    assert len(after) == len(weights_before_export)
+    for a, b in zip(after, weights_before_export):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    for layer in keras_lm._flatten_layers():
+        if isinstance(layer, keras.layers.Dense):
+            assert "call" not in vars(layer), "the export left its Dense call override"
+
+
+def _weight_matmuls(saved_model_dir):
+    """`transpose_b` of every MatMul in the SavedModel that reads a weight: True everywhere
+    means every weight is stored [out, in], so the converter has no TRANSPOSE to fold."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((saved_model_dir / "saved_model.pb").read_bytes())
+    flags = set()
+    for function in saved.meta_graphs[0].graph_def.library.function:
+        ops = {node.name: node.op for node in function.node_def}
+        for node in function.node_def:
+            if node.op == "MatMul" and ops.get(node.input[1].split(":")[0]) == "ReadVariableOp":
+                flags.add(node.attr["transpose_b"].b)
+    return flags
+
+
+SMALL = {**CONFIG, "vocab_size": 512}
+
+
+@pytest.mark.parametrize("failing", ["_convert", "save"])
+def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
+    """An error in the converter (weights restored from the SavedModel's checkpoint) or in
+    the SavedModel write (restored from the export's in-memory copies) leaves the Keras model
+    as it was, and no files behind."""
+    import tensorflow as tf
+
+    import gemma_keras.tflite.export as export_lib
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    def convert(saved_model_dir, *args, **kwargs):
+        assert _weight_matmuls(saved_model_dir) == {True}  # the converter's input
+        boom()
+
+    if failing == "_convert":
+        monkeypatch.setattr(export_lib, "_convert", convert)
+    else:
+        monkeypatch.setattr(tf.saved_model, "save", boom)
+    lm = random_keras_lm(SMALL, seed=3)
+    before = [v.numpy().copy() for v in lm.variables]
+    ids = np.array([[2, 5, 9, 11]])
+    logits = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    with pytest.raises(RuntimeError, match="boom"):
+        export_lib.export_tflite(lm, tmp_path / "x.tflite", kv_cache_max_len=16,
+                                 prefill_lens=(4,), progress=False)
+    for a, b in zip([v.numpy() for v in lm.variables], before):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    again = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    np.testing.assert_array_equal(again, logits)
+    assert not list(tmp_path.iterdir()), "a failed export left files behind"
+
+
+def test_export_refuses_lora_until_merged(tmp_path):
+    from gemma_keras.tflite import export_tflite
+
+    lm = random_keras_lm(SMALL, seed=4)
+    lm.enable_lora(rank=2)
+    before = [v.numpy().copy() for v in lm.variables]
+    with pytest.raises(ValueError, match=r"LoRA adapters; merge them .*merge_lora\(\)"):
+        export_tflite(lm, tmp_path / "x.tflite", kv_cache_max_len=16, prefill_lens=(4,))
+    for a, b in zip([v.numpy() for v in lm.variables], before):
+        assert np.array_equal(a, b)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("quantize", QUANTIZATIONS)
