@@ -9,6 +9,9 @@ appends one JSON line to `<out-dir>/results.jsonl`; `report` prints the Markdown
 Stages (each also callable alone; `--layers N` builds the 2B's width with N of its 26 layers,
 `--small` a tiny config, for dry runs):
 
+  requantize    `gemma_keras.tflite.requantize.requantize_tflite` of --tflite (a dynamic_int8
+                export of this config's random model) to --quantize (int4), the float weights
+                regenerated one at a time; seconds, peak RSS, size.
   export        build the random 2B (float32 Keras, zero-init then filled with NumPy) and run
                 `gemma_keras.tflite.export_tflite` (--quantize); export seconds, peak RSS, size.
   litert        ai_edge_litert at --threads (XNNPACK, the default CPU delegate): prefill and
@@ -270,6 +273,88 @@ def stage_export(args):
                                                         config.hidden_size))),
            peak_rss_gib=peak, phase_peak_rss_gib=phases, keras_weights_restored=restored,
            params=config.num_parameters())
+
+
+def variable_specs(config):
+    """(path, shape) of `random_causal_lm(config).variables`, in order, from the config alone
+    (no weights allocated)."""
+    h, i = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    block = [("input_layernorm/scale", (h,)), ("self_attn/q_proj/kernel", (h, q)),
+             ("self_attn/k_proj/kernel", (h, kv)), ("self_attn/v_proj/kernel", (h, kv)),
+             ("self_attn/o_proj/kernel", (q, h)), ("post_attention_layernorm/scale", (h,)),
+             ("pre_feedforward_layernorm/scale", (h,)), ("gate_proj/kernel", (h, i)),
+             ("up_proj/kernel", (h, i)), ("down_proj/kernel", (i, h)),
+             ("post_feedforward_layernorm/scale", (h,))]
+    specs = [("embed_tokens/embeddings", (config.vocab_size, h))]
+    for b in range(config.num_hidden_layers):
+        specs += [(f"decoder_block_{b}/{name}", shape) for name, shape in block]
+    return specs + [("final_norm/scale", (h,))]
+
+
+def random_graph_weights(config, seed=0):
+    """`{path: loader}` of `random_causal_lm(config, seed)`'s weights as the export graph
+    stores them (the embedding divided by the final soft-cap), each regenerated when loaded:
+    the float source for `requantize_tflite`, with no model in memory."""
+    import types
+
+    import numpy as np
+
+    cap = config.final_logit_softcapping
+
+    def loader(index, path, shape):
+        def load():
+            out = np.empty(shape, np.float32)
+            variable = types.SimpleNamespace(shape=shape)
+            for start, block in _original_chunks(variable, index, seed):
+                out[start:start + len(block)] = block
+            if path == "embed_tokens/embeddings" and cap:
+                out *= np.float32(1.0 / cap)
+            return out
+
+        return load
+
+    return {path: loader(i, path, shape) for i, (path, shape) in enumerate(variable_specs(config))}
+
+
+def stage_requantize(args):
+    """`requantize_tflite` of --tflite (a dynamic_int8 export of the random model of this
+    config) to --quantize, the float weights regenerated: seconds, peak RSS, size."""
+    from gemma_keras.tflite import requantize as requantize_lib
+    from gemma_keras.tflite.file_info import TFLiteFileInfo
+
+    sampler = RssSampler()
+    config = model_config(args)
+    seconds = {}
+    for name, label in [("_match_sources", "match (load each weight once)"),
+                        ("_write", "write (load, verify, quantize)")]:
+        real = getattr(requantize_lib, name)
+
+        def wrapped(*a, _real=real, _label=label, **k):
+            sampler.mark(_label)
+            t = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                seconds[_label] = round(time.perf_counter() - t, 1)
+
+        setattr(requantize_lib, name, wrapped)
+    out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
+    t0 = time.perf_counter()
+    requantize_lib.requantize_tflite(args.tflite, random_graph_weights(config), args.quantize,
+                                     out)
+    total_s = time.perf_counter() - t0
+    phases = sampler.stop()
+    info = TFLiteFileInfo(out)
+    expected = expected_weight_bytes(config, args.quantize)
+    record(args, "requantize", config=config_name(args), quantize=args.quantize,
+           input=args.tflite, input_bytes=os.path.getsize(args.tflite), path=str(out),
+           seconds=round(total_s, 1), phase_s=seconds, file_bytes=info.size,
+           weight_bytes=expected, size_ratio=round(info.size / expected, 4),
+           embedding_buffers=len(info.buffers_of_shape((config.vocab_size,
+                                                        config.hidden_size))),
+           peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
 
 
 def _runner_inputs(names, cache):
@@ -857,8 +942,9 @@ def stage_report(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["all", "export", "litert", "engine", "transformers",
-                                          "bandwidth", "quant-error", "quant-sim", "report"])
+    parser.add_argument("stage", choices=["all", "export", "requantize", "litert", "engine",
+                                          "transformers", "bandwidth", "quant-error",
+                                          "quant-sim", "report"])
     parser.add_argument("--out-dir", default="/tmp/gemma_tflite_2b")
     parser.add_argument("--small", action="store_true", help="a tiny config, for dry runs")
     parser.add_argument("--layers", type=int, default=0,
@@ -887,7 +973,8 @@ def main():
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if args.stage in ("bandwidth", "all"):
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    {"all": stage_all, "export": stage_export, "litert": stage_litert, "engine": stage_engine,
+    {"all": stage_all, "export": stage_export, "requantize": stage_requantize,
+     "litert": stage_litert, "engine": stage_engine,
      "transformers": stage_transformers, "bandwidth": stage_bandwidth,
      "quant-error": stage_quant_error, "quant-sim": stage_quant_sim,
      "report": stage_report}[args.stage](args)

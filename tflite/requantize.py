@@ -84,8 +84,8 @@ def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
         model = source.unpack()
         found = _find_weights(source, model, block)
         _match_sources(source, found, weights)
-        layout = _rewrite_graph(model, found, block)
-        _write(out_path, source, model, found, layout, weights, block, progress)
+        scales_buffers = _rewrite_graph(model, found, block)
+        _write(out_path, source, model, found, scales_buffers, weights, block, progress)
     return out_path
 
 
