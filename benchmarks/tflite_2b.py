@@ -15,9 +15,11 @@ Stages (each also callable alone; `--layers N` builds the 2B's width with N of i
   export        build the random 2B (float32 Keras, zero-init then filled with NumPy) and run
                 `gemma_keras.tflite.export_tflite` (--quantize); export seconds, peak RSS, size.
   litert        ai_edge_litert at --threads (XNNPACK, the default CPU delegate): prefill and
-                decode tokens/s through the classic Interpreter's signature runners (caches
-                copied in and out every step) and through CompiledModel with two cache buffer
-                sets swapped between steps (no copies); RSS after load and after decoding.
+                decode tokens/s, and RSS after load and after decoding, of the classic
+                Interpreter's signature runners (caches copied in and out every step) and of
+                `GemmaTFLite` (CompiledModel, caches updated in place) without and with the
+                XNNPACK weight cache file (first load, which writes it, and a later load);
+                each runtime in its own process.
   engine        bundle with `write_litertlm` and run LiteRT-LM's `litert_lm.Benchmark` on it.
   transformers  transformers' Gemma2ForCausalLM, float32, random 2B: prefill and decode tok/s.
   bandwidth     the memory bound in this run: float32 matrix-vector products (NumPy/OpenBLAS,
@@ -357,173 +359,128 @@ def stage_requantize(args):
            peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
 
 
-def _runner_inputs(names, cache):
-    return {n: cache[n] for n in names}
+LITERT_RUNTIMES = {
+    "interpreter": "ai_edge_litert Interpreter, signature runners (caches copied in and out)",
+    "compiled": "GemmaTFLite: CompiledModel, caches in place, no weight cache file",
+    "cache_build": "GemmaTFLite: CompiledModel, caches in place, first load (writes the "
+                   "XNNPACK weight cache)",
+    "cached": "GemmaTFLite: CompiledModel, caches in place, XNNPACK weight cache loaded",
+}
 
 
 def stage_litert(args):
+    """Prefill and decode speed and resident memory of each of --runtimes, each in its own
+    process (so its RSS is its own), one `litert` line each."""
+    runtimes = args.runtimes.split(",")
+    if len(runtimes) > 1:
+        common = ["--out-dir", args.out_dir, "--threads", str(args.threads), "--tflite",
+                  args.tflite, "--prefill", str(args.prefill), "--decode-steps",
+                  str(args.decode_steps)]
+        for runtime in runtimes:
+            run_stage(["litert", *common, "--runtimes", runtime], 1800)
+        return
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
     from gemma_keras.tflite.litertlm import inspect_tflite
 
+    runtime = runtimes[0]
+    if runtime not in LITERT_RUNTIMES:
+        raise SystemExit(f"unknown runtime {runtime!r}; one of {sorted(LITERT_RUNTIMES)}")
     info = inspect_tflite(args.tflite)
     size = os.path.getsize(args.tflite)
     prefill_t = args.prefill if args.prefill in info.prefill_lens else max(info.prefill_lens)
-    steps = args.decode_steps
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, info.vocab_size, prefill_t).astype(np.int32)
-    results = dict(tflite=args.tflite, file_bytes=size, threads=args.threads,
-                   cache_len=info.cache_len, prefill_tokens=prefill_t, decode_steps=steps)
+    prompt = np.random.default_rng(0).integers(3, info.vocab_size, prefill_t).astype(np.int32)
+    weight_cache = Path(args.out_dir) / (Path(args.tflite).name + ".xnnpack_cache")
+    if runtime == "cache_build":
+        weight_cache.unlink(missing_ok=True)
+    elif runtime == "cached" and not weight_cache.exists():
+        raise SystemExit(f"{weight_cache} does not exist: run the cache_build runtime first")
 
-    runtimes = args.runtimes.split(",")
-    if "interpreter" in runtimes:
-        # -- classic Interpreter + signature runners: caches go in and come out as copies.
-        t0 = time.perf_counter()
-        interp = Interpreter(model_path=args.tflite, num_threads=args.threads)
-        prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
-        decode = interp.get_signature_runner("decode")
-        details = decode.get_input_details()
-        cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
-        cache = {n: np.zeros(details[n]["shape"], np.float32) for n in cache_names}
-        cache_bytes = sum(a.nbytes for a in cache.values())
-        results["load_s"] = round(time.perf_counter() - t0, 2)
-        results["rss_after_load_gib"] = {k: round(v, 2) for k, v in proc_status().items()}
+    t0 = time.perf_counter()
+    if runtime == "interpreter":
+        model = _InterpreterSteps(args.tflite, args.threads, prefill_t)
+    else:
+        from gemma_keras.tflite import GemmaTFLite
 
+        model = GemmaTFLite(args.tflite, num_threads=args.threads,
+                            weight_cache=str(weight_cache) if runtime != "compiled" else False)
+    load_s = time.perf_counter() - t0
+    rss_after_load = {k: round(v, 3) for k, v in proc_status().items()}
+
+    prefill_times = []
+    for _ in range(2):  # the first run also does one-off work (XNNPACK packing, allocation)
         t0 = time.perf_counter()
-        out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
-                      mask=causal_mask(range(prefill_t), info.cache_len), **cache)
-        first_prefill_s = time.perf_counter() - t0  # includes XNNPACK's lazy weight packing
-        cache = {n: out[n] for n in cache_names}
+        model._run(prefill_t, prompt, 0)
+        prefill_times.append(time.perf_counter() - t0)
+    model._pos = prefill_t
+    token, times, tokens = int(prompt[-1]), [], []
+    for _ in range(args.decode_steps + 1):  # the first step is not timed
         t0 = time.perf_counter()
-        out = prefill(tokens=prompt[None], input_pos=np.arange(prefill_t, dtype=np.int32),
-                      mask=causal_mask(range(prefill_t), info.cache_len), **cache)
-        prefill_s = time.perf_counter() - t0
-        cache = {n: out[n] for n in cache_names}
-        token = int(prompt[-1])
-        times, tokens = [], []
-        for i in range(steps + 1):  # the first step packs decode's weights: not timed
-            pos = prefill_t + i
-            t0 = time.perf_counter()
-            out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32),
-                         mask=causal_mask([pos], info.cache_len), **cache)
-            times.append(time.perf_counter() - t0)
-            cache = {n: out[n] for n in cache_names}
-            token = int(np.argmax(out["logits"][0, -1]))
-            tokens.append(token)
-        decode_s = float(np.median(times[1:]))
-        results.update(
-            first_prefill_s=round(first_prefill_s, 2),
-            interpreter_prefill_tok_s=round(prefill_t / prefill_s, 2),
-            interpreter_first_decode_s=round(times[0], 2),
-            interpreter_decode_tok_s=round(1 / decode_s, 3),
-            interpreter_file_gb_s=round(size / decode_s / 1e9, 2),
-            rss_after_interpreter_gib={k: round(v, 2) for k, v in proc_status().items()},
-            interpreter_tokens=tokens,
-        )
-        # What the runner's copies cost: one copy of every cache in and one out per step.
+        logits = model.step(token)
+        times.append(time.perf_counter() - t0)
+        token = int(np.argmax(logits))
+        tokens.append(token)
+    decode_s = float(np.median(times[1:]))
+    results = dict(
+        runtime=runtime, label=LITERT_RUNTIMES[runtime], tflite=args.tflite, file_bytes=size,
+        threads=args.threads, cache_len=info.cache_len, prefill_tokens=prefill_t,
+        decode_steps=args.decode_steps, load_s=round(load_s, 2),
+        first_prefill_s=round(prefill_times[0], 2),
+        prefill_tok_s=round(prefill_t / prefill_times[1], 2),
+        first_decode_s=round(times[0], 3), decode_tok_s=round(1 / decode_s, 3),
+        decode_ms=[round(1e3 * t, 1) for t in times[1:]],
+        file_gb_s=round(size / decode_s / 1e9, 2), tokens=tokens,
+        rss_after_load_gib=rss_after_load,
+        rss_after_decode_gib={k: round(v, 3) for k, v in proc_status().items()})
+    if runtime != "interpreter":
+        results["weight_cache_bytes"] = (weight_cache.stat().st_size if runtime != "compiled"
+                                         else 0)
+    else:
+        # What the runner's copies cost on their own: every cache copied in and out per step.
+        cache = model.cache
         dst = {n: np.empty_like(a) for n, a in cache.items()}
         t0 = time.perf_counter()
         for _ in range(3):
             for n, a in cache.items():
                 np.copyto(dst[n], a)
         copy_s = (time.perf_counter() - t0) / 3 * 2
-        results.update(cache_bytes=cache_bytes, cache_copy_in_out_s=round(copy_s, 4),
+        results.update(cache_bytes=sum(a.nbytes for a in cache.values()),
+                       cache_copy_in_out_s=round(copy_s, 4),
                        cache_copy_share_of_decode=round(copy_s / decode_s, 3))
-        del interp, prefill, decode, out, cache, dst
-
-    # -- CompiledModel: caches in TensorBuffers, input and output sets swapped each step.
-    if not args.skip_compiled:
-        for alias, k in ((False, "compiled"), (True, "aliased")):
-            if k not in runtimes:
-                continue
-            try:
-                results.update(_compiled_model_decode(args, info, prompt, prefill_t, steps,
-                                                      size, alias=alias))
-                if "interpreter_tokens" in results:
-                    results[f"{k}_matches_interpreter"] = (
-                        results[f"{k}_tokens"] == results["interpreter_tokens"])
-            except Exception as e:  # recorded, not fatal: the interpreter numbers stand
-                results[f"{k}_error"] = f"{type(e).__name__}: {e}"
     record(args, "litert", **results)
 
 
-def _compiled_model_decode(args, info, prompt, prefill_t, steps, size, alias=False):
-    """CompiledModel decode. alias=False: two cache buffer sets swapped each step (no Python
-    copies, but DYNAMIC_UPDATE_SLICE still copies every cache from input to output);
-    alias=True: the same buffers as input and output, so the update runs in place, as in
-    the LiteRT-LM engine."""
-    import numpy as np
-    from ai_edge_litert.compiled_model import CompiledModel
-    from ai_edge_litert.cpu_options import CpuOptions
-    from ai_edge_litert.options import Options
+class _InterpreterSteps:
+    """The classic Interpreter's signature runners with `GemmaTFLite`'s `_run` / `step`
+    interface: the caches are NumPy arrays, copied into the runner and out of it every call."""
 
-    cpu = CpuOptions(num_threads=args.threads)
-    if args.weight_cache:
-        cache_dir = Path(args.out_dir) / "xnnpack_cache"
-        cache_dir.mkdir(exist_ok=True)
-        cpu.xnnpack_weight_cache_path = str(cache_dir)
-    t0 = time.perf_counter()
-    model = CompiledModel.from_file(args.tflite, options=Options(cpu_options=cpu))
-    load_s = time.perf_counter() - t0
-    details = model.get_input_tensor_details("decode")
-    cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
-    shape = details[cache_names[0]]["shape"]
-    # Buffers the model allocates (host-memory buffers made from NumPy arrays are refused
-    # by CompiledModel.run in ai-edge-litert 2.3.0); the output set of one step is the input
-    # set of the next.
-    sets = [{n: model.create_input_buffer_by_name("decode", n) for n in cache_names}]
-    sets.append(sets[0] if alias else
-                {n: model.create_output_buffer_by_name("decode", n) for n in cache_names})
-    zeros = np.zeros(shape, np.float32)
-    for n in cache_names:
-        sets[0][n].write(zeros)
+    def __init__(self, path, threads, prefill_t):
+        import numpy as np
+        from ai_edge_litert.interpreter import Interpreter
 
-    def small(sig, name, array):
-        buf = model.create_input_buffer_by_name(sig, name)
-        buf.write(array)
-        return buf
+        self.interp = Interpreter(model_path=path, num_threads=threads)
+        self.runners = {1: self.interp.get_signature_runner("decode"),
+                        prefill_t: self.interp.get_signature_runner(f"prefill_{prefill_t}")}
+        details = self.runners[1].get_input_details()
+        self.cache_len = int(details["mask"]["shape"][-1])
+        self.cache = {n: np.zeros(d["shape"], np.float32) for n, d in details.items()
+                      if n.startswith("kv_cache_")}
+        self._pos = 0
 
-    logits = model.create_output_buffer_by_name("decode", "logits")
-    sig = f"prefill_{prefill_t}"
-    inputs = {"tokens": small(sig, "tokens", prompt[None]),
-              "input_pos": small(sig, "input_pos", np.arange(prefill_t, dtype=np.int32)),
-              "mask": small(sig, "mask", causal_mask(range(prefill_t), info.cache_len))}
-    t0 = time.perf_counter()
-    model.run_by_name(sig, {**inputs, **sets[0]}, dict(sets[1]))
-    first_prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.run_by_name(sig, {**inputs, **sets[1]}, dict(sets[0]))
-    prefill_s = time.perf_counter() - t0
-    cur = 0
-    tok = small("decode", "tokens", np.array([[int(prompt[-1])]], np.int32))
-    pos = small("decode", "input_pos", np.array([prefill_t], np.int32))
-    mask = small("decode", "mask", causal_mask([prefill_t], info.cache_len))
-    times, tokens = [], []
-    for i in range(steps + 1):
-        p = prefill_t + i
-        t0 = time.perf_counter()
-        pos.write(np.array([p], np.int32))
-        mask.write(causal_mask([p], info.cache_len))
-        model.run_by_name("decode", {"tokens": tok, "input_pos": pos, "mask": mask,
-                                     **sets[cur]}, {**sets[1 - cur], "logits": logits})
-        row = logits.read(info.vocab_size, np.float32)
-        tokens.append(int(np.argmax(row)))
-        tok.write(np.array([[tokens[-1]]], np.int32))
-        times.append(time.perf_counter() - t0)
-        cur = 1 - cur
-    decode_s = float(np.median(times[1:]))
-    k = "aliased" if alias else "compiled"
-    return {
-        f"{k}_tokens": tokens,
-        f"{k}_weight_cache": bool(args.weight_cache),
-        f"{k}_load_s": round(load_s, 2),
-        f"{k}_first_prefill_s": round(first_prefill_s, 2),
-        f"{k}_prefill_tok_s": round(prefill_t / prefill_s, 2),
-        f"{k}_decode_tok_s": round(1 / decode_s, 3),
-        f"{k}_file_gb_s": round(size / decode_s / 1e9, 2),
-        f"rss_after_{k}_gib": {k2: round(v, 2) for k2, v in proc_status().items()},
-    }
+    def _run(self, seq_len, tokens, start):
+        import numpy as np
+
+        positions = np.arange(start, start + seq_len, dtype=np.int32)
+        out = self.runners[seq_len](tokens=np.asarray(tokens, np.int32).reshape(1, seq_len),
+                                    input_pos=positions,
+                                    mask=causal_mask(positions, self.cache_len), **self.cache)
+        self.cache = {n: out[n] for n in self.cache}
+        return out
+
+    def step(self, token):
+        out = self._run(1, [token], self._pos)
+        self._pos += 1
+        return out["logits"].reshape(-1)
 
 
 def stage_engine(args):
@@ -882,24 +839,15 @@ def stage_report(args):
           "| bound tok/s | % of bound | RSS GiB (anon + file) | RSS / file |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in lines:
-        if r["stage"] == "litert":
-            size = r["file_bytes"]
+        if r["stage"] == "litert" and "runtime" in r:
+            size, dec = r["file_bytes"], r["decode_tok_s"]
             bound = gb_s * 1e9 / size if gb_s else None
-            for kind, rss_key in (("interpreter", "rss_after_interpreter_gib"),
-                                  ("compiled", "rss_after_compiled_gib"),
-                                  ("aliased", "rss_after_aliased_gib")):
-                if f"{kind}_decode_tok_s" not in r:
-                    continue
-                rss = r[rss_key]
-                dec = r[f"{kind}_decode_tok_s"]
-                label = {"interpreter": "ai_edge_litert Interpreter (runner copies caches)",
-                         "compiled": "ai_edge_litert CompiledModel (cache sets swapped)",
-                         "aliased": "ai_edge_litert CompiledModel (caches in place)"}[kind]
-                print(f"| {label} | {Path(r['tflite']).name} | {r['cache_len']} | "
-                      f"{r['threads']} | {r[f'{kind}_prefill_tok_s']} | {dec} | "
-                      f"{r[f'{kind}_file_gb_s']} | {bound and round(bound, 2)} | "
-                      f"{bound and round(100 * dec / bound)} | {rss['RssAnon']:.2f} + "
-                      f"{rss['RssFile']:.2f} | {rss['VmRSS'] * GIB / size:.2f} |")
+            rss = r["rss_after_decode_gib"]
+            print(f"| {r['label']} | {Path(r['tflite']).name} | {r['cache_len']} | "
+                  f"{r['threads']} | {r['prefill_tok_s']} | {dec} | {r['file_gb_s']} | "
+                  f"{bound and round(bound, 2)} | {bound and round(100 * dec / bound)} | "
+                  f"{rss['RssAnon']:.2f} + {rss['RssFile']:.2f} | "
+                  f"{rss['VmRSS'] * GIB / size:.2f} |")
         elif r["stage"] == "engine":
             size = os.path.getsize(r["litertlm"]) if os.path.exists(r["litertlm"]) else \
                 r["litertlm_bytes"]
@@ -916,11 +864,20 @@ def stage_report(args):
                   f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['weight_gb_s']} | "
                   f"{bound and round(bound, 2)} | {bound and round(100 * r['decode_tok_s'] / bound)}"
                   f" | peak {r['peak_rss_gib']} | - |")
-    for r in lines:
-        if r["stage"] == "litert" and "cache_copy_in_out_s" in r:
-            print(f"\nCache copy in+out per decode step ({Path(r['tflite']).name}, "
-                  f"{r['cache_bytes'] / 2**20:.0f} MiB of caches): "
-                  f"{r['cache_copy_in_out_s'] * 1e3:.1f} ms = "
+    litert = [r for r in lines if r["stage"] == "litert" and "runtime" in r]
+    for r in litert:
+        ref = [i for i in litert if i["runtime"] == "interpreter" and i["tflite"] == r["tflite"]]
+        same = "-" if not ref else r["tokens"] == ref[-1]["tokens"]
+        print(f"\n{r['runtime']} ({Path(r['tflite']).name}): load {r['load_s']} s, first "
+              f"prefill {r['first_prefill_s']} s, RSS after load "
+              f"{r['rss_after_load_gib']['VmRSS']:.2f} GiB, after decode "
+              f"{r['rss_after_decode_gib']['VmRSS']:.2f} GiB (peak "
+              f"{r['rss_after_decode_gib']['VmHWM']:.2f}); weight cache file "
+              f"{r.get('weight_cache_bytes', 0):,} bytes; greedy tokens as the interpreter's: "
+              f"{same}")
+        if "cache_copy_in_out_s" in r:
+            print(f"Cache copy in+out per decode step ({r['cache_bytes'] / 2**20:.0f} MiB of "
+                  f"caches): {r['cache_copy_in_out_s'] * 1e3:.1f} ms = "
                   f"{100 * r['cache_copy_share_of_decode']:.1f}% of an interpreter decode step")
     qerrs = [r for r in lines if r["stage"] == "quant_error"]
     if qerrs:
@@ -958,12 +915,9 @@ def main():
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--tflite")
-    parser.add_argument("--weight-cache", action="store_true",
-                        help="CompiledModel with an XNNPACK weight cache file")
-    parser.add_argument("--skip-compiled", action="store_true")
-    parser.add_argument("--runtimes", default="interpreter,compiled,aliased",
-                        help="litert: which runtimes to time, in this process (run one per "
-                             "process for a clean RSS)")
+    parser.add_argument("--runtimes", default=",".join(LITERT_RUNTIMES),
+                        help="litert: the runtimes to time, each in its own process; one of "
+                             + ", ".join(LITERT_RUNTIMES))
     parser.add_argument("--tiny-model", action="store_true",
                         help="quant-error on the bundled trained tiny model")
     parser.add_argument("--skip-transformers", action="store_true")
