@@ -164,41 +164,49 @@ def _constant_operands(path, op_name, operand):
     return out
 
 
-@pytest.mark.parametrize("quantize", ["none", "dynamic_int8"])
-def test_weights_stored_out_in_once_with_no_transpose(exported, keras_lm, quantize):
-    """Each Dense kernel is one [out, in] constant (the float32 file: its exact transpose),
-    which every signature's FULLY_CONNECTED reads; no TRANSPOSE reads a constant (the
-    attention's TRANSPOSEs move activations)."""
+def _kernels_out_in(lm):
+    """`[(variable, values [out, in], stored transposed)]` of every projection kernel: Keras'
+    Dense stores [in, out], gemma_keras' Linear [out, in]."""
     import keras
 
+    out = []
+    for layer in lm._flatten_layers():
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None and len(kernel.shape) == 2:
+            dense = isinstance(layer, keras.layers.Dense)
+            out.append((kernel, kernel.numpy().T if dense else kernel.numpy(), dense))
+    return out
+
+
+@pytest.mark.parametrize("quantize", ["none", "dynamic_int8"])
+def test_weights_stored_out_in_once_with_no_transpose(exported, keras_lm, quantize):
+    """Each projection kernel is one [out, in] constant (in the float32 file, exactly), which
+    every signature's FULLY_CONNECTED reads; no TRANSPOSE reads a constant (the attention's
+    TRANSPOSEs move activations)."""
     assert _constant_operands(exported[quantize], "TRANSPOSE", 0) == []
     weights = _constant_operands(exported[quantize], "FULLY_CONNECTED", 1)
     buffers = {}
     for _, shape, buffer, values in weights:
         assert buffers.setdefault(buffer, (shape, values))[0] == shape
-    kernels = [layer.kernel.numpy() for layer in keras_lm._flatten_layers()
-               if isinstance(layer, keras.layers.Dense)]
+    kernels = [w for _, w, _ in _kernels_out_in(keras_lm)]
     assert len(buffers) == len(kernels) + 1  # and the tied output head
     assert len({b for s, _, b, _ in weights if s == "decode"}) == len(buffers)
     stored_shapes = sorted(shape for shape, _ in buffers.values())
-    expected_shapes = sorted([k.T.shape for k in kernels] + [(VOCAB, CONFIG["hidden_size"])])
+    expected_shapes = sorted([k.shape for k in kernels] + [(VOCAB, CONFIG["hidden_size"])])
     assert stored_shapes == expected_shapes
     if quantize == "none":
         for kernel in kernels:
-            assert sum(np.array_equal(kernel.T, v) for _, v in buffers.values()) == 1
+            assert sum(np.array_equal(kernel, v) for _, v in buffers.values()) == 1
 
 
 def test_keras_weights_bit_identical_after_export(exported, keras_lm, weights_before_export):
     """The export releases the Keras weights while the converter runs and restores them."""
-    import keras
-
     after = [v.numpy() for v in keras_lm.variables]
     assert len(after) == len(weights_before_export)
     for a, b in zip(after, weights_before_export):
         assert a.shape == b.shape and np.array_equal(a, b)
     for layer in keras_lm._flatten_layers():
-        if isinstance(layer, keras.layers.Dense):
-            assert "call" not in vars(layer), "the export left its Dense call override"
+        assert "call" not in vars(layer), "the export left its Dense call override"
 
 
 def _weight_matmuls(saved_model_dir):
@@ -297,12 +305,11 @@ def test_weight_only_int8_equals_keras_with_the_same_int8_weights(exported,
     from gemma_keras.tflite import GemmaTFLite
 
     lm = random_keras_lm(CONFIG)
-    for v in lm.variables:
-        w = v.numpy()
-        if w.ndim == 2:  # Dense kernels [in, out]: per out column; the embedding per row
-            axis = 1 if "embed" in v.path else 0
-            scale = np.abs(w).max(axis=axis, keepdims=True) / 127
-            v.assign((np.round(w / scale) * scale).astype("float32"))
+    embedding = lm.backbone.embed_tokens.embeddings
+    for v, w, transposed in _kernels_out_in(lm) + [(embedding, embedding.numpy(), False)]:
+        scale = np.abs(w).max(axis=1, keepdims=True) / 127  # one scale per output row
+        rounded = (np.round(w / scale) * scale).astype("float32")
+        v.assign(rounded.T if transposed else rounded)
     ids = prompt_and_reference[0]
     reference = np.asarray(lm({"token_ids": np.array([ids]),
                                "padding_mask": np.ones((1, len(ids)))}))[0]
