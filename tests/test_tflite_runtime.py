@@ -103,6 +103,62 @@ def test_prompt_too_long_for_the_cache_is_refused(runtime):
     assert len(runtime.generate(ids, max_new_tokens=4, stop_token_ids=())) == 4  # 62 fit
 
 
+def test_caches_update_in_place_and_a_new_prompt_forgets_the_last(runtime, tiny_exports):
+    """The caches are one buffer each, updated in place and not cleared between prompts: a
+    short prompt after a long one gives the logits of a fresh runtime (the slots the long
+    prompt left are masked)."""
+    from gemma_keras.tflite import GemmaTFLite
+
+    rng = np.random.default_rng(1)
+    long_ids = [2] + rng.integers(3, runtime.vocab_size, 40).tolist()
+    short_ids = [2, 17, 42, 9, 5, 61]
+    runtime.start(long_ids)
+    for token in (7, 8, 9):
+        runtime.step(token)
+    fresh = GemmaTFLite(tiny_exports["none"], weight_cache=False)
+    np.testing.assert_array_equal(runtime.start(short_ids), fresh.start(short_ids))
+    np.testing.assert_array_equal(runtime.step(11), fresh.step(11))
+
+
+def test_xnnpack_weight_cache_file(tiny_exports, tmp_path):
+    """By default the packed weights go to a file beside the model, named after its size and
+    mtime: reused by the next load, replaced (the stale one deleted) when the model changes;
+    weight_cache=False writes none. Same logits either way."""
+    import os
+
+    from gemma_keras.tflite import GemmaTFLite
+
+    model = tmp_path / "m.tflite"
+    model.write_bytes(tiny_exports["dynamic_int8"].read_bytes())
+    ids = [2, 17, 42, 9, 5, 61]
+    no_file = GemmaTFLite(model, weight_cache=False)
+    assert no_file.weight_cache_path is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite"]
+    expected = no_file.start(ids)
+
+    first = GemmaTFLite(model)
+    cache = first.weight_cache_path
+    st = model.stat()
+    assert cache == f"{model}.{st.st_size}-{st.st_mtime_ns}.xnnpack_cache"
+    assert os.path.getsize(cache) > 0.5 * st.st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite", os.path.basename(cache)]
+    np.testing.assert_array_equal(first.start(ids), expected)
+    written = os.stat(cache).st_mtime_ns
+    again = GemmaTFLite(model)  # loads the file, does not rewrite it
+    assert again.weight_cache_path == cache and os.stat(cache).st_mtime_ns == written
+    np.testing.assert_array_equal(again.start(ids), expected)
+
+    model.write_bytes(tiny_exports["int4_block32"].read_bytes())  # re-exported in place
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = GemmaTFLite(model)
+    assert changed.weight_cache_path != cache and not os.path.exists(cache)
+    np.testing.assert_array_equal(
+        changed.start(ids), GemmaTFLite(model, weight_cache=False).start(ids))
+    explicit = tmp_path / "elsewhere.bin"
+    GemmaTFLite(model, weight_cache=explicit)
+    assert explicit.is_file()
+
+
 def test_text_stream_and_chat_agree_with_keras(runtime, tiny_lm):
     messages = chat("reverse: red fish blue fish")
     prompt = tiny_lm.tokenizer.apply_chat_template(messages)
