@@ -15,9 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
 import re
+import sys
+import tempfile
 
 import numpy as np
 
@@ -62,6 +66,28 @@ def _remove_stale_caches(path, keep):
                 os.remove(full)
             except OSError:
                 pass
+
+
+@contextlib.contextmanager
+def _native_log_captured():
+    """Send what native code writes to stderr meanwhile to a file; yields a list that holds
+    the text afterwards (for an error message).
+
+    Loading a model makes LiteRT log about twenty lines (accelerator registry, vendor compiler
+    plugins it cannot load, XNNPACK): noise for a user of `generate`."""
+    text = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield text
+        finally:
+            ctypes.CDLL(None).fflush(None)  # C stdio may hold some of it in its buffer
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            text.append(log.read().strip())
 
 
 class _Signature:
@@ -125,9 +151,12 @@ class GemmaTFLite:
         options = Options(cpu_options=CpuOptions(num_threads=num_threads,
                                                  xnnpack_weight_cache_path=xnnpack_cache))
         try:
-            self.model = CompiledModel.from_file(path, options=options)
+            with _native_log_captured() as log:
+                self.model = CompiledModel.from_file(path, options=options)
         except (ValueError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a readable .tflite model: {e}") from None
+            errors = [line for line in "".join(log).splitlines() if "ERROR" in line]
+            raise ValueError(f"{path} is not a readable .tflite model: {e}\n"
+                             + "\n".join(errors)) from None
         if building and os.path.isfile(xnnpack_cache):
             os.replace(xnnpack_cache, self.weight_cache_path)
             if weight_cache is True:
