@@ -490,7 +490,7 @@ def stage_engine(args):
 
     info = inspect_tflite(args.tflite)
     tok = padded_tokenizer(info.vocab_size, Path(args.out_dir) / f"tokenizer_{info.vocab_size}.model")
-    out = Path(args.tflite).with_suffix(".litertlm")
+    out = Path(args.out_dir) / Path(args.tflite).with_suffix(".litertlm").name
     t0 = time.perf_counter()
     write_litertlm(args.tflite, tok, out, max_num_tokens=info.cache_len)
     bundle_s = time.perf_counter() - t0
