@@ -47,8 +47,7 @@ def check_hf_checkpoint(checkpoint: SafetensorsCheckpoint, specs) -> None:
 def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=False) -> int:
     """Stream every tensor of `checkpoint` into `model`'s variables; return bytes read.
 
-    Tensors that keep their layout move in blocks of rows; transposed projections (at most
-    a few tens of MB each) move whole.
+    Tensors move in blocks of rows (every tensor keeps its layout).
     """
     from tqdm.auto import tqdm
 
@@ -56,13 +55,10 @@ def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=Fals
     total = 0
     for spec in tqdm(specs, desc="HF -> Keras", unit="tensor", disable=not progress):
         name, variable = spec.hf_name, spec.variable
-        if spec.transpose:
-            assign_rows(variable, 0, checkpoint.read(name).T)
-        else:
-            num_rows, rows = spec.hf_shape[0], rows_per_block(spec.hf_shape, 4)
-            for start in range(0, num_rows, rows):
-                block = checkpoint.read(name, slice(start, min(start + rows, num_rows)))
-                assign_rows(variable, start, block)
+        num_rows, rows = spec.hf_shape[0], rows_per_block(spec.hf_shape, 4)
+        for start in range(0, num_rows, rows):
+            block = checkpoint.read(name, slice(start, min(start + rows, num_rows)))
+            assign_rows(variable, start, block)
         total += checkpoint.nbytes(name)
     return total
 

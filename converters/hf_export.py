@@ -17,19 +17,20 @@ MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
 def hf_entries(model, dtype=None) -> list[TensorEntry]:
     """One `TensorEntry` per HF tensor of `model`, in the table's order, reading the variables
-    lazily (large untransposed tensors in blocks of rows) and casting to `dtype`."""
+    lazily in blocks of rows and casting to `dtype`."""
     entries = []
     for spec in weight_specs(model.backbone):
         variable = spec.variable
         out_dtype = dtype or keras.backend.standardize_dtype(variable.dtype)
         entries.append(TensorEntry(spec.hf_name, spec.hf_shape, out_dtype,
-                                   _blocks(variable, spec.transpose)))
+                                   _blocks(spec)))
     return entries
 
 
-def _blocks(variable, transpose):
-    if transpose:  # a Dense kernel; with LoRA enabled, `kernel` is the merged tensor
-        return lambda: [keras.ops.convert_to_numpy(variable).T]
+def _blocks(spec):
+    variable = spec.variable
+    if getattr(spec.layer, "lora_enabled", False):  # export the merged projection
+        return lambda: [spec.layer.merged_kernel()]
     num_rows = variable.shape[0]
     rows = rows_per_block(variable.shape, 4)
     return lambda: (variable_rows(variable, start, min(start + rows, num_rows))

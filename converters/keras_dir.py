@@ -66,7 +66,7 @@ def write_model_dir(model, directory, source=None, tokenizer_path=None,
     from keras.src.saving import saving_lib  # save_weights with objects_to_skip
 
     directory = Path(directory)
-    adapters = [w.path for w in model.weights if "lora_kernel" in w.path]
+    adapters = [w.path for w in model.weights if "/lora_" in w.path]
     if adapters:
         raise ValueError(f"the model carries LoRA adapters ({adapters[0]}, ...): call "
                          "model.merge_lora() before writing a model directory")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from gemma_keras.layers import _PACKAGE, apply_rope, soft_cap
+from gemma_keras.layers import _PACKAGE, Linear, apply_rope, soft_cap
 
 _MASKED = -1e30  # added where attention is masked out (logits are float32 here)
 
@@ -47,7 +47,7 @@ class Gemma2Attention(keras.layers.Layer):
         self.rope_theta = rope_theta
 
         def dense(units, name):
-            return keras.layers.Dense(units, use_bias=False, name=name, dtype=self.dtype_policy)
+            return Linear(units, name=name, dtype=self.dtype_policy)
 
         self.q_proj = dense(num_heads * head_dim, "q_proj")
         self.k_proj = dense(num_kv_heads * head_dim, "k_proj")
@@ -58,8 +58,7 @@ class Gemma2Attention(keras.layers.Layer):
         hidden = input_shape[-1]
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             proj.build(input_shape)
-        self.o_proj = keras.layers.Dense(hidden, use_bias=False, name="o_proj",
-                                         dtype=self.dtype_policy)
+        self.o_proj = Linear(hidden, name="o_proj", dtype=self.dtype_policy)
         self.o_proj.build((None, None, self.num_heads * self.head_dim))
         self.built = True
 

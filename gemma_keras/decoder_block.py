@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from gemma_keras.attention import Gemma2Attention
-from gemma_keras.layers import _PACKAGE, RMSNorm
+from gemma_keras.layers import _PACKAGE, Linear, RMSNorm
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -36,7 +36,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             return RMSNorm(rms_norm_eps, name=name, dtype=policy)
 
         def dense(units, name):
-            return keras.layers.Dense(units, use_bias=False, name=name, dtype=policy)
+            return Linear(units, name=name, dtype=policy)
 
         self.input_layernorm = norm("input_layernorm")
         self.self_attn = Gemma2Attention(

@@ -27,16 +27,16 @@ BATCH_AXIS, MODEL_AXIS = "batch", "model"
 def layout_map(mesh, model_axis=MODEL_AXIS, batch_axis=BATCH_AXIS, fsdp=False):
     """A `keras.distribution.LayoutMap` for `Gemma2CausalLM` variables on `mesh`."""
     other = batch_axis if fsdp else None
-    column = (other, model_axis)   # Dense kernel [in, out], split over out
-    row = (model_axis, other)      # Dense kernel [in, out], split over in
+    column = (model_axis, other)   # kernel [out, in], split over out
+    row = (other, model_axis)      # kernel [out, in], split over in
     layouts = keras.distribution.LayoutMap(mesh)
     layouts[r".*embed_tokens/embeddings"] = (other, model_axis)  # [vocab, hidden]
     for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
         layouts[rf".*{name}/kernel"] = column
-        layouts[rf".*{name}/lora_kernel_b"] = (None, model_axis)
+        layouts[rf".*{name}/lora_b"] = (model_axis, None)  # [out, rank]
     for name in ("o_proj", "down_proj"):
         layouts[rf".*{name}/kernel"] = row
-        layouts[rf".*{name}/lora_kernel_a"] = (model_axis, None)
+        layouts[rf".*{name}/lora_a"] = (None, model_axis)  # [rank, in]
     return layouts
 
 

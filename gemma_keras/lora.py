@@ -1,10 +1,11 @@
-"""LoRA for Gemma 2 with Keras' own `Dense.enable_lora`: adapters, their file, and merging.
+"""LoRA for Gemma 2: adapters on the projections, their file, and merging.
 
-`enable_lora(model, rank)` adds a low-rank pair `A [in, rank]`, `B [rank, out]` (B starts at
-zero) to each targeted projection, so the layer computes `x @ (W + alpha / rank * A @ B)`, and
-freezes every other weight. The adapters save on their own, in PEFT's layout
-(`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, torch `[out, in]` order),
-so a file holds only the adapters. `merge_lora(model)` folds them into the base kernels, after
+`enable_lora(model, rank)` adds a low-rank pair `A [rank, in]`, `B [out, rank]` (B starts at
+zero; `gemma_keras.layers.Linear.enable_lora`) to each targeted projection, so the layer
+computes `x @ W.T + alpha / rank * (x @ A.T) @ B.T`, and freezes every other weight. The
+adapters save on their own, in PEFT's names and layout
+(`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), so a file holds only the
+adapters. `merge_lora(model)` folds them into the base kernels, after
 which the model is a plain Gemma 2 again (and the converters export the merged weights).
 
 Example:
@@ -34,7 +35,7 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json
 # converters' weight table.
 _PROJECTIONS = {
     suffix.split(".")[-2]: (suffix[: -len(".weight")], path[: -len(".kernel")])
-    for suffix, (path, _) in BLOCK_TENSORS.items()
+    for suffix, path in BLOCK_TENSORS.items()
     if path.endswith(".kernel")
 }
 
@@ -67,7 +68,7 @@ def _layer(block, keras_path):
 
 
 def lora_layers(model, targets=None):
-    """`[(peft_module_name, dense_layer)]` for the targeted projections of every block."""
+    """`[(peft_module_name, linear_layer)]` for the targeted projections of every block."""
     backbone = getattr(model, "backbone", model)
     out = []
     for i, block in enumerate(backbone.blocks):
@@ -105,24 +106,13 @@ def enable_lora(model, rank, alpha=None, targets=None):
 
 
 def merge_lora(model):
-    """Fold every adapter into its kernel (`W + alpha / rank * A @ B`, in float32), remove the
+    """Fold every adapter into its kernel (`W + alpha / rank * B @ A`, in float32), remove the
     adapters and make all weights trainable again. Returns `model`."""
     layers = enabled_lora_layers(model)
     if not layers:
         raise ValueError("merge_lora: the model has no LoRA adapters")
     for _, layer in layers:
-        a = np.asarray(layer.lora_kernel_a.numpy(), np.float32)
-        b = np.asarray(layer.lora_kernel_b.numpy(), np.float32)
-        kernel = np.asarray(layer._kernel.numpy(), np.float32)
-        merged = kernel + (layer.lora_alpha / layer.lora_rank) * (a @ b)
-        layer._kernel.assign(merged.astype(layer._kernel.dtype))
-        for name in ("lora_kernel_a", "lora_kernel_b"):
-            # what `del layer.<name>` does, without its gc.collect() per variable (0.4 s each)
-            layer._untrack_variable(getattr(layer, name))
-            object.__delattr__(layer, name)
-        layer.lora_enabled = False
-        layer.lora_rank = None
-        layer.lora_alpha = None
+        layer.merge_lora()
     for variable in model.variables:
         variable.trainable = True
     return model
@@ -136,8 +126,8 @@ def lora_state(model) -> tuple[dict, dict]:
         raise ValueError("the model has no LoRA adapters; call enable_lora first")
     tensors = {}
     for name, layer in layers:
-        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(layer.lora_kernel_a.numpy().T)
-        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(layer.lora_kernel_b.numpy().T)
+        tensors[f"{name}.lora_A.weight"] = np.asarray(layer.lora_a.numpy())
+        tensors[f"{name}.lora_B.weight"] = np.asarray(layer.lora_b.numpy())
     first = layers[0][1]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(first.lora_rank),
               "lora_alpha": float(first.lora_alpha), "target_modules": list(lora_targets(model)),
@@ -202,10 +192,10 @@ def load_lora_weights(model, path):
         raise ValueError(f"{file} does not match the model's adapters: "
                          f"missing {missing[:4]}, unexpected {extra[:4]}")
     for name, layer in layers.items():
-        for letter, variable in (("A", layer.lora_kernel_a), ("B", layer.lora_kernel_b)):
-            value = tensors[f"{name}.lora_{letter}.weight"].T
+        for letter, variable in (("A", layer.lora_a), ("B", layer.lora_b)):
+            value = tensors[f"{name}.lora_{letter}.weight"]
             if value.shape != tuple(variable.shape):
                 raise ValueError(f"{file}: {name}.lora_{letter}.weight has shape "
-                                 f"{value.shape[::-1]}, expected {tuple(variable.shape)[::-1]}")
+                                 f"{value.shape}, expected {tuple(variable.shape)}")
             variable.assign(value.astype(variable.dtype))
     return model

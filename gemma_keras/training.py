@@ -24,7 +24,7 @@ NO_DECAY = ("scale",)  # RMSNorm scales
 
 
 def uses_lora(model) -> bool:
-    """True if any Dense layer of `model` carries LoRA adapters."""
+    """True if any projection of `model` carries LoRA adapters."""
     return any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers())
 
 

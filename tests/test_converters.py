@@ -187,13 +187,13 @@ def test_transformers_loads_sharded_export(hf_dir, hf_model, padded_batch, tmp_p
 def test_lora_projection_exports_merged(hf_dir, tmp_path):
     model = load_hf_checkpoint(hf_dir)
     q_proj = model.backbone.blocks[0].self_attn.q_proj
-    q_proj.enable_lora(2, lora_alpha=4)  # Keras' own LoRA
-    q_proj.lora_kernel_b.assign(np.random.default_rng(0).normal(size=(2, 64)))
-    a, b = q_proj.lora_kernel_a.numpy(), q_proj.lora_kernel_b.numpy()
-    expected = q_proj._kernel.numpy() + 2 * a @ b  # alpha / rank = 2
+    q_proj.enable_lora(2, lora_alpha=4)
+    q_proj.lora_b.assign(np.random.default_rng(0).normal(size=(64, 2)))
+    a, b = q_proj.lora_a.numpy(), q_proj.lora_b.numpy()
+    expected = q_proj.kernel.numpy() + 2 * b @ a  # alpha / rank = 2
     save_hf_checkpoint(model, tmp_path / "hf")
     exported = _tensors(tmp_path / "hf")["model.layers.0.self_attn.q_proj.weight"]
-    np.testing.assert_allclose(exported, expected.T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(exported, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="merge_lora"):
         save_model_dir(model, tmp_path / "k")
     assert not (tmp_path / "k").exists()

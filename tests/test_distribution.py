@@ -58,6 +58,6 @@ def test_sharded_training_steps_match_unsharded():
     for name in ("data_parallel", "model_parallel", "fsdp"):
         for step, (sharded, plain) in enumerate(zip(out[name], reference)):
             assert abs(sharded - plain) <= 1e-5, (name, step, sharded, plain)
-    assert out["model_parallel_q_sharding"] == [None, "model"]
-    assert out["fsdp_q_sharding"] == ["batch", "model"]
+    assert out["model_parallel_q_sharding"] == ["model", None]  # q kernel [out, in]: heads
+    assert out["fsdp_q_sharding"] == ["model", "batch"]
     assert out["data_parallel_q_sharding"] in ([], [None, None])  # replicated

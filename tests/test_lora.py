@@ -60,7 +60,7 @@ def test_enable_lora_trains_only_the_adapters(probe_ids):
     names = [v.path for v in model.trainable_variables]
     layers = model.config.num_hidden_layers
     assert len(names) == layers * 4 * 2 and total > len(names)
-    assert all("lora_kernel" in n and "_proj" in n for n in names)
+    assert all("/lora_" in n and "_proj" in n for n in names)
     assert not any(("gate_proj" in n or "up_proj" in n or "down_proj" in n) for n in names)
     # B starts at zero: the model is unchanged until trained
     np.testing.assert_allclose(logits(model, probe_ids), reference, atol=1e-6)
@@ -133,8 +133,10 @@ def test_merge_lora_then_hf_export_keeps_the_finetuned_model(finetuned, probe_id
     model.merge_lora()
     assert not any("lora" in v.path for v in model.variables)
     assert len(model.trainable_variables) == len(model.variables)
-    np.testing.assert_allclose(logits(model, probe_ids), expected, atol=1e-5)
+    # unmerged adds (x @ A.T) @ B.T apart: the same sum in a different float32 order
+    merged = logits(model, probe_ids)
+    np.testing.assert_allclose(merged, expected, atol=1e-4)
     save_hf_checkpoint(model, tmp_path / "merged")
     reloaded = load_hf_checkpoint(tmp_path / "merged")
-    np.testing.assert_allclose(logits(reloaded, probe_ids), expected, atol=1e-5)
+    np.testing.assert_allclose(logits(reloaded, probe_ids), merged, atol=1e-6)
     assert np.abs(logits(load_tiny(), probe_ids) - expected).max() > 1e-2  # really changed
