@@ -277,17 +277,22 @@ def stage_export(args):
            params=config.num_parameters())
 
 
-def variable_specs(config):
+def variable_specs(config, kernels="out_in"):
     """(path, shape) of `random_causal_lm(config).variables`, in order, from the config alone
-    (no weights allocated)."""
+    (no weights allocated). `kernels`: the projections' layout, "out_in" (Linear, since
+    2a3b165) or "in_out" (Dense, before it), as the model that was exported had them."""
     h, i = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
-    block = [("input_layernorm/scale", (h,)), ("self_attn/q_proj/kernel", (h, q)),
-             ("self_attn/k_proj/kernel", (h, kv)), ("self_attn/v_proj/kernel", (h, kv)),
-             ("self_attn/o_proj/kernel", (q, h)), ("post_attention_layernorm/scale", (h,)),
-             ("pre_feedforward_layernorm/scale", (h,)), ("gate_proj/kernel", (h, i)),
-             ("up_proj/kernel", (h, i)), ("down_proj/kernel", (i, h)),
+
+    def kernel(n_in, n_out):
+        return (n_out, n_in) if kernels == "out_in" else (n_in, n_out)
+
+    block = [("input_layernorm/scale", (h,)), ("self_attn/q_proj/kernel", kernel(h, q)),
+             ("self_attn/k_proj/kernel", kernel(h, kv)), ("self_attn/v_proj/kernel", kernel(h, kv)),
+             ("self_attn/o_proj/kernel", kernel(q, h)), ("post_attention_layernorm/scale", (h,)),
+             ("pre_feedforward_layernorm/scale", (h,)), ("gate_proj/kernel", kernel(h, i)),
+             ("up_proj/kernel", kernel(h, i)), ("down_proj/kernel", kernel(i, h)),
              ("post_feedforward_layernorm/scale", (h,))]
     specs = [("embed_tokens/embeddings", (config.vocab_size, h))]
     for b in range(config.num_hidden_layers):
@@ -295,7 +300,7 @@ def variable_specs(config):
     return specs + [("final_norm/scale", (h,))]
 
 
-def random_graph_weights(config, seed=0):
+def random_graph_weights(config, seed=0, kernels="out_in"):
     """`{path: loader}` of `random_causal_lm(config, seed)`'s weights as the export graph
     stores them (the embedding divided by the final soft-cap), each regenerated when loaded:
     the float source for `requantize_tflite`, with no model in memory."""
@@ -317,7 +322,8 @@ def random_graph_weights(config, seed=0):
 
         return load
 
-    return {path: loader(i, path, shape) for i, (path, shape) in enumerate(variable_specs(config))}
+    specs = variable_specs(config, kernels)
+    return {path: loader(i, path, shape) for i, (path, shape) in enumerate(specs)}
 
 
 def stage_requantize(args):
@@ -344,14 +350,15 @@ def stage_requantize(args):
         setattr(requantize_lib, name, wrapped)
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0 = time.perf_counter()
-    requantize_lib.requantize_tflite(args.tflite, random_graph_weights(config), args.quantize,
-                                     out)
+    weights = random_graph_weights(config, kernels=args.kernel_layout)
+    requantize_lib.requantize_tflite(args.tflite, weights, args.quantize, out)
     total_s = time.perf_counter() - t0
     phases = sampler.stop()
     info = TFLiteFileInfo(out)
     expected = expected_weight_bytes(config, args.quantize)
     record(args, "requantize", config=config_name(args), quantize=args.quantize,
-           input=args.tflite, input_bytes=os.path.getsize(args.tflite), path=str(out),
+           kernel_layout=args.kernel_layout, input=args.tflite,
+           input_bytes=os.path.getsize(args.tflite), path=str(out),
            seconds=round(total_s, 1), phase_s=seconds, file_bytes=info.size,
            weight_bytes=expected, size_ratio=round(info.size / expected, 4),
            embedding_buffers=len(info.buffers_of_shape((config.vocab_size,
@@ -915,6 +922,9 @@ def main():
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--tflite")
+    parser.add_argument("--kernel-layout", choices=["out_in", "in_out"], default="out_in",
+                        help="requantize: the projections' layout in the exported model "
+                             "(in_out for exports made before the Linear layers)")
     parser.add_argument("--runtimes", default=",".join(LITERT_RUNTIMES),
                         help="litert: the runtimes to time, each in its own process; one of "
                              + ", ".join(LITERT_RUNTIMES))

@@ -577,22 +577,27 @@ def _pad(f):
 
 
 def _copy(source, index, f):
-    """Copy buffer `index`'s bytes from the input file to `f` (kernel-side when possible)."""
+    """Copy buffer `index`'s bytes from the input file to `f`: in the kernel when it can
+    (`os.copy_file_range`, no user memory), else through 16 MB reads."""
     position, size = source.span(index)
     f.flush()
     done = 0
-    while done < size:
-        n = min(size - done, 1 << 30)
-        try:
-            copied = os.copy_file_range(source.fileno(), f.fileno(), n, position + done)
-        except (AttributeError, OSError):
-            copied = 0
-        if copied <= 0:  # no copy_file_range here: through user space
-            copied = len(chunk := os.pread(source.fileno(), min(n, _CHUNK_BYTES),
-                                           position + done))
-            os.write(f.fileno(), chunk)
-        done += copied
+    copy_file_range = getattr(os, "copy_file_range", None)
+    try:
+        while copy_file_range and done < size:
+            copied = copy_file_range(source.fileno(), f.fileno(), size - done, position + done)
+            if copied <= 0:
+                break
+            done += copied
+    except OSError:  # not supported between these files: read and write instead
+        pass
     f.seek(0, os.SEEK_END)
+    while done < size:
+        chunk = os.pread(source.fileno(), min(size - done, _CHUNK_BYTES), position + done)
+        if not chunk:
+            raise ValueError(f"{source.path} ended inside buffer {index}")
+        f.write(chunk)
+        done += len(chunk)
 
 
 def _write_weight(f, source, weight, weights, block):
