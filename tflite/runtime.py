@@ -154,6 +154,8 @@ class GemmaTFLite:
             with _native_log_captured() as log:
                 self.model = CompiledModel.from_file(path, options=options)
         except (ValueError, RuntimeError) as e:
+            if building and os.path.isfile(xnnpack_cache):
+                os.remove(xnnpack_cache)
             errors = [line for line in "".join(log).splitlines() if "ERROR" in line]
             raise ValueError(f"{path} is not a readable .tflite model: {e}\n"
                              + "\n".join(errors)) from None
