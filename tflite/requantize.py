@@ -439,7 +439,8 @@ def _rewrite_op(model, subgraph, op, found, wanted):
 
 
 def _drop_dequantize(model, subgraph, op):
-    """An int8 GATHER feeds one DEQUANTIZE; EMBEDDING_LOOKUP outputs its float32 directly."""
+    """An int8 GATHER feeds one DEQUANTIZE; EMBEDDING_LOOKUP outputs its float32 directly
+    (the int8 tensor between them stays in the list, read by nothing)."""
     from ai_edge_litert import schema_py_generated as schema
 
     out = int(op.outputs[0])
