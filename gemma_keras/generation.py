@@ -346,18 +346,10 @@ def stream(model, prompt, max_new_tokens=64, sampler="greedy", stop_token_ids=No
 def load_model(directory=None, dtype=None):
     """`Gemma2CausalLM.from_pretrained(directory)` (a gemma-keras or Hugging Face model
     directory, tokenizer attached); `None` loads the bundled tiny model."""
-    from pathlib import Path
-
     from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.tiny_task import model_dir_or_tiny
 
-    if directory is None:
-        from gemma_keras.tiny_task import tiny_model_dir
-
-        directory = tiny_model_dir()
-        if not (Path(directory) / "config.json").is_file():
-            raise FileNotFoundError(f"the bundled tiny model is not installed ({directory}); "
-                                    "pass --model DIR")
-    return Gemma2CausalLM.from_pretrained(directory, dtype=dtype)
+    return Gemma2CausalLM.from_pretrained(model_dir_or_tiny(directory), dtype=dtype)
 
 
 class ChatSession:

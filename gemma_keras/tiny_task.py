@@ -46,6 +46,20 @@ def tiny_model_dir() -> str:
     return str(TINY_MODEL_DIR)
 
 
+def model_dir_or_tiny(directory=None) -> str:
+    """`directory`, or the bundled tiny model's when it is None; an error names a missing one."""
+    from pathlib import Path
+
+    if directory is None:
+        directory = tiny_model_dir()
+        if not (Path(directory) / "config.json").is_file():
+            raise FileNotFoundError(f"the bundled tiny model is not installed ({directory}); "
+                                    "pass --model DIR")
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    return str(directory)
+
+
 def make_example(words, task="reverse") -> dict:
     """`{"prompt", "response"}` for one word list."""
     if task not in TASKS:

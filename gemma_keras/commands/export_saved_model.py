@@ -43,10 +43,9 @@ def run(args):
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.saved_model import export_saved_model
 
-    if args.model is None:
-        from gemma_keras.tiny_task import tiny_model_dir
+    from gemma_keras.tiny_task import model_dir_or_tiny
 
-        args.model = str(tiny_model_dir())
+    args.model = model_dir_or_tiny(args.model)
     model = Gemma2CausalLM.from_pretrained(args.model, dtype=args.dtype)
     tokenizer = args.tokenizer
     if tokenizer is None and getattr(model, "tokenizer", None) is None:

@@ -65,13 +65,9 @@ def run(args):
         raise ValueError(f"--out should name a .tflite file, got {out}")
     if args.bundle == "litertlm" and out.with_suffix(".litertlm").exists() and not args.overwrite:
         raise ValueError(f"{out.with_suffix('.litertlm')} exists; pass --overwrite to replace it")
-    if args.model is None:
-        from gemma_keras.tiny_task import tiny_model_dir
+    from gemma_keras.tiny_task import model_dir_or_tiny
 
-        args.model = tiny_model_dir()
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model: no such directory: {model_dir}")
+    model_dir = Path(model_dir_or_tiny(args.model))
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # the exporter traces with TF
 
     from gemma_keras.tflite import export_tflite

@@ -53,11 +53,11 @@ def register(subparsers):
 
 
 def run(args):
-    from gemma_keras.tiny_task import tiny_model_dir
+    from gemma_keras.tiny_task import model_dir_or_tiny
     from gemma_keras.training import finetune
 
     result = finetune(
-        args.model or tiny_model_dir(), args.data, args.out, epochs=args.epochs,
+        model_dir_or_tiny(args.model), args.data, args.out, epochs=args.epochs,
         batch_size=args.batch_size, sequence_length=args.sequence_length,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=args.lora_targets.split(",") if args.lora_rank else None,
