@@ -72,11 +72,17 @@ def proc_status():
 
 class RssSampler:
     """Samples VmRSS every `period` s in a thread; `mark(label)` tags the phase, so the
-    report says in which phase the peak happened."""
+    report says in which phase the peak happened.
 
-    def __init__(self, period=0.5):
+    The thread needs the GIL, which long C++ calls (TensorFlow's converter) hold, so its
+    samples can miss a phase's peak. With `exact_phases`, each `mark` also reads the kernel's
+    VmHWM and resets it (`/proc/self/clear_refs`), which gives each phase its true peak; read
+    the run's peak as `max(stop().values())`, not VmHWM, then."""
+
+    def __init__(self, period=0.5, exact_phases=False):
         self.period, self.label, self.peak, self.peak_label = period, "start", 0.0, "start"
         self.phase_peaks = {}
+        self.exact = exact_phases and self._reset_peak()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -91,12 +97,30 @@ class RssSampler:
         if rss > self.peak:
             self.peak, self.peak_label = rss, self.label
 
-    def mark(self, label):
+    @staticmethod
+    def _reset_peak():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            return True
+        except OSError:
+            return False
+
+    def _end_phase(self):
         self.sample()
+        if self.exact:
+            hwm = proc_status()["VmHWM"]
+            self.phase_peaks[self.label] = max(self.phase_peaks.get(self.label, 0.0), hwm)
+            if hwm > self.peak:
+                self.peak, self.peak_label = hwm, self.label
+            self._reset_peak()
+
+    def mark(self, label):
+        self._end_phase()
         self.label = label
 
     def stop(self):
-        self.sample()
+        self._end_phase()
         self._stop.set()
         self._thread.join()
         return {k: round(v, 2) for k, v in self.phase_peaks.items()}
@@ -225,7 +249,7 @@ def stage_export(args):
     from gemma_keras.tflite import export_tflite
     from gemma_keras.tflite.file_info import TFLiteFileInfo
 
-    sampler = RssSampler()
+    sampler = RssSampler(exact_phases=True)
     config = model_config(args)
     sampler.mark("build")
     t0 = time.perf_counter()
@@ -262,7 +286,7 @@ def stage_export(args):
                   prefill_lens=[int(t) for t in args.prefill_lens.split(",")], progress=False)
     export_s = time.perf_counter() - t0
     phases = sampler.stop()
-    peak = round(proc_status()["VmHWM"], 2)
+    peak = round(sampler.peak if sampler.exact else proc_status()["VmHWM"], 2)
     restored = _weights_restored(model)
     size = out.stat().st_size
     expected = expected_weight_bytes(config, args.quantize)
