@@ -275,7 +275,7 @@ def stage_export(args):
 
         setattr(owner, name, wrapped)
 
-    phase(export_lib._ExportWeights, "__enter__", "transpose kernels", after="trace")
+    phase(export_lib._ExportWeights, "__enter__", "trace")
     phase(tf.saved_model, "save", "save SavedModel")
     phase(export_lib._ExportWeights, "release", "release weights")
     phase(export_lib, "_convert", "TF converter", after="quantize+write")

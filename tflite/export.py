@@ -14,16 +14,16 @@ DYNAMIC_UPDATE_SLICE), and its RoPE position is `input_pos[t]`. Sliding-window l
 their window constraint inside the graph from `input_pos` and the slot index.
 
 The model's own Keras layers run the graph (TensorFlow backend, `backbone.run_blocks` with
-explicit positions and masks), except that every Dense reads a transposed [out, in] copy of its
-kernel through `matmul(x, w, transpose_b=True)`, which the converter maps to FULLY_CONNECTED
-as is (see `_ExportWeights`). The tied embedding's two uses are written here: the token lookup
-and the output head, `matmul(hidden, table, transpose_b=True)`, which the converter maps to
-FULLY_CONNECTED on the very tensor the lookup reads (one stored copy; see `table`).
+explicit positions and masks). Their projections (`gemma_keras.layers.Linear`) keep kernels
+[out, in] and compute `matmul(x, kernel, transpose_b=True)`, which the converter maps to
+FULLY_CONNECTED as is: no TRANSPOSE for it to fold into a new constant per signature. Only
+the tied embedding's two uses are written here: the token lookup and the output head,
+`matmul(hidden, table, transpose_b=True)`, FULLY_CONNECTED on the very tensor the lookup
+reads (one stored copy; see `table`).
 
-Memory: the export holds each weight once. The Keras weights are swapped for the export's
-copies one at a time, all of them are released while the converter runs (it reads the
-SavedModel from disk), and the Keras model gets its weights back, bit for bit, at the end
-(also when the export fails).
+Memory: the export holds each weight once. The Keras weights are released while the
+converter runs (it reads them from the SavedModel on disk) and read back, bit for bit, at the
+end, also when the export fails (see `_ExportWeights`).
 
 This module imports TensorFlow; `gemma_keras.tflite` imports it only when exporting.
 """
@@ -106,8 +106,8 @@ class _GemmaSignatures:
         self.config = model.config
         self.cache_len = kv_cache_max_len
         self.module = tf.Module()
-        # Track plain tf.Variables (`_ExportWeights.variables`): the converter freezes those
-        # into constants, whereas tracked Keras variables stay resource variables (VAR_HANDLE /
+        # Track the tf.Variables under the Keras variables: the converter freezes those into
+        # constants, whereas tracked Keras variables stay resource variables (VAR_HANDLE /
         # READ_VARIABLE) that no signature initialises.
         self.module.weights = weights.variables
 
@@ -202,124 +202,56 @@ class _GemmaSignatures:
 
 
 class _ExportWeights:
-    """The weights the export graph reads, holding each weight once for the whole export.
+    """Holds each weight once during an export, and gives the Keras model its weights back.
 
-    A context manager around one export of `model`:
-    - on entry, each Dense kernel [in, out] is copied, one at a time, into a new tf.Variable
-      holding its transpose [out, in], and the Keras kernel's buffer is released right after;
-      until exit, each Dense computes `matmul(reshape(x, [-1, in]), w, transpose_b=True)` from
-      it (FULLY_CONNECTED with no TRANSPOSE for the converter to fold into a new constant per
-      signature). `variables` lists the export's weights, one per `model.variables`: the
-      transposed kernels and, for everything else, the Keras variables' own tf.Variables;
-    - `release()`, once the SavedModel is written, frees every weight (the converter reads
-      them from the SavedModel's checkpoint);
-    - on exit, even after an error, each Keras weight is put back bit for bit, one at a time:
-      from memory if still held, else from `checkpoint` (the SavedModel's
-      `variables/variables`), and each Dense gets its own `call` back.
-    Layers that already store [out, in] (`gemma_keras.layers.Linear`) are left as they are.
-    Refuses models with LoRA adapters (merge them first) or Keras-quantized Dense layers.
+    A context manager around one export of `model`. `variables` are the tf.Variables under the
+    Keras weights, in `model.variables` order (the SavedModel tracks them as `weights/<i>`).
+    `release()`, once the SavedModel is written, frees them all in place, since the converter
+    reads the weights from the SavedModel. On exit, even after an error, each released weight
+    is read back from `checkpoint` (the SavedModel's `variables/variables`) one at a time, so
+    the model is as it was, bit for bit. Refuses models with LoRA adapters (merge them first).
     """
 
     def __init__(self, model, checkpoint, restore=True):
-        import keras
         import tensorflow as tf
 
         self.tf = tf
-        self.model = model
         self.checkpoint = str(checkpoint)
         self.restore_model = restore
-        layers = model._flatten_layers(include_self=False)
-        for layer in layers:
+        for layer in model._flatten_layers(include_self=False):
             if getattr(layer, "lora_enabled", False):
                 raise ValueError(f"layer {layer.path!r} has LoRA adapters; merge them into the "
                                  f"weights first (model.merge_lora()), then export")
-        dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
-        for layer in dense:
-            if layer.quantization_mode is not None:
-                raise ValueError(f"layer {layer.path!r} is Keras-quantized "
-                                 f"({layer.quantization_mode}); export a float32 model and "
-                                 f"choose the file's quantization with `quantize`")
-        self.dense = {id(layer.kernel): layer for layer in dense}
-        self.keras_variables = list(model.variables)
-        self.variables = []  # the export's weights, index-aligned with keras_variables
-        self.released = set()  # indices of keras_variables whose buffer is freed
-        self.from_checkpoint = False  # True once `release` freed the export's copies too
+        self.variables = [v.value for v in model.variables]
+        self.released = False
+
+    def __enter__(self):
+        return self
 
     def _free(self, variable):
-        """Shrink `variable` (a tf.Variable) to an empty tensor in place, freeing its buffer
-        (deleting Python references would not: the traced functions hold the handles)."""
+        """Shrink `variable` to an empty tensor in place, freeing its buffer (deleting Python
+        references would not: the traced functions hold the handles)."""
         self.tf.raw_ops.AssignVariableOp(resource=variable.handle,
                                          value=self.tf.zeros([0], variable.dtype),
                                          validate_shape=False)
 
-    def _is_transposed(self, index):
-        return id(self.keras_variables[index]) in self.dense
-
-    def __enter__(self):
-        tf = self.tf
-        try:
-            for index, variable in enumerate(self.keras_variables):
-                layer = self.dense.get(id(variable))
-                if layer is None:
-                    self.variables.append(variable.value)
-                    continue
-                transposed = tf.Variable(tf.transpose(variable.value), trainable=False,
-                                         name=variable.name + "_t")
-                self.variables.append(transposed)
-                self._free(variable.value)
-                self.released.add(index)
-                object.__setattr__(layer, "call", self._transposed_call(layer, transposed))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _transposed_call(self, layer, weight):
-        tf = self.tf
-        units, features = weight.shape
-
-        def call(inputs, training=None):
-            lead = inputs.shape[:-1]
-            x = tf.matmul(tf.reshape(inputs, [-1, features]), weight, transpose_b=True)
-            if layer.bias is not None:
-                x = x + layer.bias
-            shape = (lead.as_list() + [units] if lead.is_fully_defined()
-                     else tf.concat([tf.shape(inputs)[:-1], [units]], 0))
-            x = tf.reshape(x, shape)
-            return layer.activation(x) if layer.activation is not None else x
-
-        return call
-
     def release(self):
-        """Free every weight, the export's copies and the Keras variables alike (call once the
-        SavedModel is written: they are restored from its checkpoint)."""
-        self.from_checkpoint = True
-        for index, variable in enumerate(self.variables):
+        """Free every weight (call once the SavedModel is written)."""
+        self.released = True
+        for variable in self.variables:
             self._free(variable)
-            self.released.add(index)
         _return_freed_memory()
 
     def __exit__(self, *exc):
-        tf = self.tf
-        for layer in self.dense.values():
-            if "call" in vars(layer):
-                object.__delattr__(layer, "call")
-        if not self.restore_model:
+        if not (self.released and self.restore_model):
             return
-        reader = tf.train.load_checkpoint(self.checkpoint) if self.from_checkpoint else None
-        for index in sorted(self.released):
-            if reader is not None:
-                value = reader.get_tensor(f"weights/{index}/.ATTRIBUTES/VARIABLE_VALUE")
-            else:
-                value = self.variables[index].read_value()
-            if self._is_transposed(index):
-                value = tf.transpose(value)
-                if reader is None:
-                    self._free(self.variables[index])
-            tf.raw_ops.AssignVariableOp(resource=self.keras_variables[index].value.handle,
-                                        value=value, validate_shape=False)
+        reader = self.tf.train.load_checkpoint(self.checkpoint)
+        for index, variable in enumerate(self.variables):
+            value = reader.get_tensor(f"weights/{index}/.ATTRIBUTES/VARIABLE_VALUE")
+            self.tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value,
+                                             validate_shape=False)
             del value
-        self.released.clear()
+        self.released = False
 
 
 def _return_freed_memory():
