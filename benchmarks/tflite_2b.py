@@ -387,7 +387,8 @@ def stage_requantize(args):
            weight_bytes=expected, size_ratio=round(info.size / expected, 4),
            embedding_buffers=len(info.buffers_of_shape((config.vocab_size,
                                                         config.hidden_size))),
-           peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
+           peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases,
+           rss_end_gib={k: round(v, 2) for k, v in proc_status().items()})
 
 
 LITERT_RUNTIMES = {
