@@ -29,11 +29,13 @@ Stages (each also callable alone; `--layers N` builds the 2B's width with N of i
                 (ai-edge-quantizer weight-only int8) vs int4 blockwise, against the Keras
                 float32 logits, on the tiny config and on the 2B's width with --layers layers.
 
-Memory (measured on the 2B's width with 1 layer, 2.67 GB of float32 weights, Keras weights
-released before conversion): TensorFlow's converter peaked at 8.1 GiB with 2 signatures (about
-3x the float32 weights; more with more signatures), ai-edge-quantizer's int4 pass at 11.9 GiB
-(about 4.5x). For the full 2B (10.5 GB float32) that is about 31 and 47 GiB, so `all` refuses
-to start a full-size export with less than --min-free-gib (32) available; use --layers N.
+Memory: the exporter releases the Keras weights while TensorFlow's converter runs (and reads
+them back afterwards), and the [out, in] kernels give the converter no TRANSPOSE to fold, so
+the full 2B's dynamic_int8 export (4 signatures, cache 1280) peaks at about 21 GiB, in the
+converter (about 2x the 10.5 GB of float32 weights). ai-edge-quantizer's int4 pass on a
+float32 file needs about 4.5x (47 GiB for the 2B): `requantize` streams int4 from a
+dynamic_int8 file instead. `all` refuses to start a full-size export with less than
+--min-free-gib (32) available; use --layers N, or run the stages alone.
 """
 
 from __future__ import annotations
