@@ -172,6 +172,11 @@ def test_bad_inputs_are_refused_and_leave_no_file(keras_lm, exported, tmp_path):
     _refused(tmp_path, int8, wrong_shape, "no float weight matches tensor 'decoder_block_1")
     no_cap = {**good, "embed_tokens/embeddings": keras_lm.backbone.embed_tokens.embeddings.numpy}
     _refused(tmp_path, int8, no_cap, r"closest, 'embed_tokens/embeddings', .*final_logit")
+    def broken():
+        raise OSError("disk on fire")
+
+    _refused(tmp_path, int8, {**good, "broken": broken}, r"weights\['broken'\] could not be "
+             r"loaded: disk on fire")
     twice = {**good, "copy": good[q_proj]}
     _refused(tmp_path, int8, twice, r"is ambiguous: .*'copy'")
     _refused(tmp_path, int8, good, "quantize must be one of", quantize="int4_block64")

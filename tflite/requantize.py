@@ -307,8 +307,10 @@ def _check_other_readers(model, found):
 # ------------------------------------------------------------------ matching float sources
 def _load(weights, name):
     value = weights[name]
-    value = value() if callable(value) else value
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value() if callable(value) else value)
+    except Exception as e:
+        raise ValueError(f"weights[{name!r}] could not be loaded: {e}") from e
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"weights[{name!r}] holds {array.dtype} values; expected floats")
     return array.astype(np.float32, copy=False)
