@@ -159,6 +159,26 @@ def test_xnnpack_weight_cache_file(tiny_exports, tmp_path):
     assert explicit.is_file()
 
 
+def test_weight_cache_of_a_read_only_model_goes_to_the_user_cache(tiny_exports, tmp_path,
+                                                                  monkeypatch):
+    import os
+
+    from gemma_keras.tflite import GemmaTFLite
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    model = folder / "m.tflite"
+    model.write_bytes(tiny_exports["dynamic_int8"].read_bytes())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: (
+        False if os.path.abspath(p) == str(folder) else real_access(p, mode)))
+    lm = GemmaTFLite(model)
+    assert os.path.dirname(lm.weight_cache_path) == str(tmp_path / "xdg" / "gemma_keras")
+    assert os.path.isfile(lm.weight_cache_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["m.tflite"]
+
+
 def test_text_stream_and_chat_agree_with_keras(runtime, tiny_lm):
     messages = chat("reverse: red fish blue fish")
     prompt = tiny_lm.tokenizer.apply_chat_template(messages)

@@ -49,16 +49,25 @@ def _weight_cache_path(path, weight_cache):
         return None
     if weight_cache is not True:
         return os.fspath(weight_cache)
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-        return None
     st = os.stat(path)
-    return f"{path}.{st.st_size}-{st.st_mtime_ns}{_CACHE_SUFFIX}"
+    name = f"{os.path.basename(path)}.{st.st_size}-{st.st_mtime_ns}{_CACHE_SUFFIX}"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                              "gemma_keras")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            return None
+    return os.path.join(folder, name)
 
 
 def _remove_stale_caches(path, keep):
-    """Delete the weight cache files of earlier versions of `path` (other size or mtime)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    stale = re.compile(re.escape(name) + r"\.\d+-\d+" + re.escape(_CACHE_SUFFIX) + "$")
+    """Delete the weight cache files of earlier versions of `path` (other size or mtime)
+    from the folder of `keep`."""
+    folder = os.path.dirname(os.path.abspath(keep))
+    stale = re.compile(re.escape(os.path.basename(path)) + r"\.\d+-\d+"
+                       + re.escape(_CACHE_SUFFIX) + "$")
     for other in os.listdir(folder):
         full = os.path.join(folder, other)
         if stale.match(other) and full != os.path.abspath(keep):
@@ -141,10 +150,10 @@ class GemmaTFLite:
         second copy of the weights in memory. True (default): a file beside the model,
         `<path>.<size>-<mtime_ns>.xnnpack_cache`, written on first load (about the model's
         size; its name changes with the model file, so a re-exported model never reads a
-        stale cache); a path: that file; False: no file (XNNPACK packs the weights in memory,
-        apparently per signature: resident memory 4.6x the file for the 2B with four
-        signatures, against 1.3x with the file, and decode 1.7x slower). Without write access
-        beside the model, no file.
+        stale cache), or in `~/.cache/gemma_keras/` without write access beside the model;
+        a path: that file; False: no file (XNNPACK packs the weights in memory, apparently
+        per signature: resident memory 4.6x the file for the 2B with four signatures,
+        against 1.3x with the file, and decode 1.7x slower).
 
     Runs on LiteRT's `CompiledModel` with XNNPACK. Each KV cache is one buffer passed as both
     input and output of every signature, so the graph writes the new slots in place: nothing
