@@ -245,6 +245,7 @@ class _ExportWeights:
     def __exit__(self, *exc):
         if not (self.released and self.restore_model):
             return
+        _return_freed_memory()  # what the converter freed
         reader = self.tf.train.load_checkpoint(self.checkpoint)
         for index, variable in enumerate(self.variables):
             value = reader.get_tensor(f"weights/{index}/.ATTRIBUTES/VARIABLE_VALUE")
@@ -359,6 +360,7 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
             for mode in sorted(conversions):
                 converted[mode] = _convert(saved_model_dir, list(functions), mode)
                 steps.update(f"converted ({mode})")
+            lookups = None
             if any(q in quantize_lib.AI_EDGE_RECIPES for q in outputs):
                 lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])
             for quantize, out in outputs.items():
@@ -368,6 +370,7 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
                     flatbuffer = converted[quantize]
                 _write_atomically(out, flatbuffer)
                 steps.update(f"wrote {out.name}")
+            converted = lookups = flatbuffer = None  # freed before the Keras weights return
         # (leaving `_ExportWeights` restored the Keras weights from the checkpoint)
     steps.close()
     return outputs
