@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from gemma_keras.tflite import quantize as quantize_lib
+from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras.tflite.signatures import (
     DECODE,
     LOGITS,
@@ -300,8 +301,10 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
 
     Args:
       quantize: one of `gemma_keras.tflite.QUANTIZATIONS`: "none" (float32), "fp16",
-        "dynamic_int8" (TensorFlow's converter), "weight_only_int8", "int4_block32",
-        "int4_block128" (ai-edge-quantizer on the float32 file).
+        "dynamic_int8" (TensorFlow's converter, per-tensor scales), "weight_only_int8"
+        (ai-edge-quantizer on the float32 file, per channel), "int4_block32",
+        "int4_block128" (the dynamic_int8 file's weights requantized from the float32
+        originals, `requantize.py`; memory-bounded, so the full 2B fits).
       kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S. Default:
         1024, or the model's max_position_embeddings if smaller.
       prefill_lens: one `prefill_<T>` signature per length T.
@@ -341,8 +344,11 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
     for path in outputs.values():
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    conversions = {"fp16" if q == "fp16" else "dynamic_int8" if q == "dynamic_int8" else "none"
-                   for q in outputs}
+    # The int4 modes are requantized from the dynamic_int8 file, one weight at a time, with the
+    # float32 originals read back from the SavedModel's checkpoint: no float32 conversion.
+    int4 = [q for q in outputs if q in requantize_lib.BLOCK_SIZES]
+    conversions = {"fp16" if q == "fp16" else "dynamic_int8" if q == "dynamic_int8" or q in int4
+                   else "none" for q in outputs}
     steps = _progress(progress, total=2 + len(conversions) + len(outputs))
     with tempfile.TemporaryDirectory(prefix=".gemma_tflite_", dir=work_parent) as work:
         saved_model_dir = Path(work) / "saved_model"
@@ -360,17 +366,22 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
             for mode in sorted(conversions):
                 converted[mode] = _convert(saved_model_dir, list(functions), mode)
                 steps.update(f"converted ({mode})")
+                if mode == "dynamic_int8":  # written (and freed) now: the int4 modes read it
+                    int8_path = outputs.get(mode, Path(work) / "dynamic_int8.tflite")
+                    _write_atomically(int8_path, converted.pop(mode))
             lookups = None
-            if any(q in quantize_lib.AI_EDGE_RECIPES for q in outputs):
+            if "weight_only_int8" in outputs:
                 lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])
             for quantize, out in outputs.items():
-                if quantize in quantize_lib.AI_EDGE_RECIPES:
-                    flatbuffer = quantize_lib.quantize_flatbuffer(lookups, quantize)
-                else:
-                    flatbuffer = converted[quantize]
-                _write_atomically(out, flatbuffer)
+                if quantize in int4:
+                    floats = requantize_lib.checkpoint_weights(checkpoint, model)
+                    requantize_lib.requantize_tflite(int8_path, floats, quantize, out)
+                elif quantize == "weight_only_int8":
+                    _write_atomically(out, quantize_lib.quantize_flatbuffer(lookups, quantize))
+                elif quantize != "dynamic_int8":
+                    _write_atomically(out, converted[quantize])
                 steps.update(f"wrote {out.name}")
-            converted = lookups = flatbuffer = None  # freed before the Keras weights return
+            converted = lookups = None  # freed before the Keras weights return
         # (leaving `_ExportWeights` restored the Keras weights from the checkpoint)
     steps.close()
     return outputs

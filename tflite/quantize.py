@@ -1,8 +1,9 @@
 """Quantization modes of the TFLite export.
 
 "fp16" and "dynamic_int8" are applied by TensorFlow's converter (see `export.py`);
-"weight_only_int8", "int4_block32" and "int4_block128" by `ai-edge-quantizer` on the finished
-float32 file, which TensorFlow's converter cannot produce.
+"weight_only_int8" by `ai-edge-quantizer` on the finished float32 file; "int4_block32" and
+"int4_block128" by `requantize.py`, which rewrites the dynamic_int8 file's weights from the
+float32 originals in ai-edge-quantizer's encoding, one tensor at a time.
 """
 
 from __future__ import annotations
