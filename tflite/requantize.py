@@ -511,11 +511,13 @@ def _float_version(builtin, op):
 # ------------------------------------------------------------------ writing
 def _write(out_path, source, model, found, scales_buffers, weights, block, progress):
     """Pack the flatbuffer with every buffer's final offset, then stream the buffers' data."""
+    from tqdm import tqdm
+
     order = _data_order(source, model, found, scales_buffers, block)
     head = _pack_with_offsets(model, order)
     scales_of = {scales: weight for weight, scales in scales_buffers.items()}
     tmp = out_path.with_name(f".{out_path.name}.partial")
-    bar = _progress(progress, len(found))
+    bar = tqdm(total=len(found), desc="requantize", unit="weight", disable=not progress)
     try:
         with open(tmp, "wb") as f:
             f.write(head)
@@ -665,20 +667,3 @@ def quantize_int4_blockwise(values, block):
     q = uqt.uniform_quantize(values, params, is_blockwise_quant=True)
     packed = transformation_utils.pack_data(4, np.ravel(q).view(np.uint8))
     return packed, scale.astype(ml_dtypes.bfloat16).astype(np.float16)
-
-
-class _progress:
-    def __init__(self, enabled, total):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="requantize", unit="weight")
-
-    def update(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
