@@ -33,9 +33,9 @@ Memory: the exporter releases the Keras weights while TensorFlow's converter run
 them back afterwards), and the [out, in] kernels give the converter no TRANSPOSE to fold, so
 the full 2B's dynamic_int8 export (4 signatures, cache 1280) peaks at about 21 GiB, in the
 converter (about 2x the 10.5 GB of float32 weights). ai-edge-quantizer's int4 pass on a
-float32 file needs about 4.5x (47 GiB for the 2B): `requantize` streams int4 from a
-dynamic_int8 file instead. `all` refuses to start a full-size export with less than
---min-free-gib (32) available; use --layers N, or run the stages alone.
+float32 file needs about 4.5x (47 GiB for the 2B); the exporter's int4 modes requantize the
+dynamic_int8 conversion instead (2.4 GiB more). `all` refuses to start a full-size export with
+less than --min-free-gib (22) available; use --layers N, or run the stages alone.
 """
 
 from __future__ import annotations
@@ -958,7 +958,7 @@ def main():
     parser.add_argument("--tiny-model", action="store_true",
                         help="quant-error on the bundled trained tiny model")
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--min-free-gib", type=float, default=32.0)
+    parser.add_argument("--min-free-gib", type=float, default=22.0)
     parser.add_argument("--export-timeout", type=int, default=2400)
     args = parser.parse_args()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
