@@ -28,7 +28,8 @@ only loaded when needed). An int8 tensor q with step s comes from W exactly when
 misses that bound almost everywhere. So: a first pass loads each candidate once and checks
 512 fixed positions of every int8 weight with the same number of values, in two layouts (W
 reshaped to the tensor's [rows, cols], or to [cols, rows] and transposed, e.g. a Keras Dense
-kernel [in, out] for a FULLY_CONNECTED weight [out, in]); each int8 weight must match exactly
+kernel [in, out] for a FULLY_CONNECTED weight [out, in], as in files exported before the
+projections became [out, in] `Linear` layers); each int8 weight must match exactly
 one (candidate, layout), or the call fails naming the tensor. The second pass, while writing,
 checks every value before quantizing it. The values must be those the float32 graph stores:
 for our exporter's tied embedding that is `embedding / final_logit_softcapping` (see
@@ -102,7 +103,7 @@ def keras_weights(model):
 def checkpoint_weights(checkpoint, model):
     """The same as `keras_weights`, read one tensor at a time from the exporter's SavedModel
     checkpoint (`<saved_model>/variables/variables`), whose `weights/<i>` is the i-th of
-    `model.variables` (Dense kernels stored transposed; both layouts match)."""
+    `model.variables` (kernels [out, in]; files with [in, out] Dense kernels match too)."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(checkpoint))
