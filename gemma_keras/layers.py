@@ -1,4 +1,4 @@
-"""The building blocks of Gemma 2: projections, RMSNorm, rotary embedding, tied embedding, soft-cap."""
+"""Gemma 2's building blocks: projections, RMSNorm, rotary embedding, tied embedding, soft-cap."""
 
 from __future__ import annotations
 
