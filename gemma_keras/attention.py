@@ -31,8 +31,9 @@ class Gemma2Attention(keras.layers.Layer):
       x         [batch, seq, hidden]
       positions [batch, seq] int, the RoPE positions of `x`
       mask      [batch, seq, keys] bool; keys are `x` itself, or the cache slots when cached
-      cache     (k, v), each [batch, slots, kv_heads, head_dim]; the new keys and values are
-                written at slot `cache_index` and the updated cache is returned.
+      cache     (k [batch, kv_heads, slots, head_dim], v [batch, kv_heads, head_dim, slots]);
+                the new keys and values are written at slot `cache_index` and the updated
+                cache is returned.
     Returns `(output, cache)`; `cache` is None when none was given.
     """
 
@@ -72,24 +73,35 @@ class Gemma2Attention(keras.layers.Layer):
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
 
+        # The cache layout: keys [b, kv_heads, slots, head_dim], values transposed,
+        # [b, kv_heads, head_dim, slots]. Both products below then read the cache as their
+        # left operand, as it is stored, and only the few query rows are repacked (a TFLite
+        # BATCH_MATMUL on XNNPACK repacks its right operand on every call).
+        k = ops.transpose(k, (0, 2, 1, 3))
+        v = ops.transpose(v, (0, 2, 3, 1))
         if cache is not None:
             k_cache, v_cache = cache
-            start = [0, cache_index, 0, 0]
-            k = ops.slice_update(k_cache, start, ops.cast(k, k_cache.dtype))
-            v = ops.slice_update(v_cache, start, ops.cast(v, v_cache.dtype))
+            k = ops.slice_update(k_cache, [0, 0, cache_index, 0], ops.cast(k, k_cache.dtype))
+            v = ops.slice_update(v_cache, [0, 0, 0, cache_index], ops.cast(v, v_cache.dtype))
             cache = (k, v)
             k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
 
-        # Queries are grouped by the key/value head they share: [b, t, kv_heads, groups, d].
+        # The queries sharing a key/value head are rows of one matrix: [b, kv_heads, groups*t, d].
         q = ops.reshape(q, (batch, seq, self.num_kv_heads, groups, self.head_dim))
-        logits = ops.einsum("btkgd,bskd->bkgts", q, k)
+        q = ops.reshape(ops.transpose(q, (0, 2, 3, 1, 4)),
+                        (batch, self.num_kv_heads, groups * seq, self.head_dim))
+        logits = ops.transpose(ops.einsum("bksd,bkqd->bksq", k, q), (0, 1, 3, 2))
         logits = ops.cast(logits, "float32") * (float(self.query_pre_attn_scalar) ** -0.5)
         logits = soft_cap(logits, self.logit_soft_cap)
+        logits = ops.reshape(logits, (batch, self.num_kv_heads, groups, seq, -1))
         logits = ops.where(mask[:, None, None, :, :], logits, _MASKED)
         probs = ops.cast(ops.softmax(logits, axis=-1), v.dtype)
 
-        out = ops.einsum("bkgts,bskd->btkgd", probs, v)
-        out = ops.reshape(out, (batch, seq, self.num_heads * self.head_dim))
+        probs = ops.reshape(probs, (batch, self.num_kv_heads, groups * seq, -1))
+        out = ops.einsum("bkds,bkqs->bkdq", v, probs)  # [b, kv_heads, d, groups*t]
+        out = ops.reshape(out, (batch, self.num_kv_heads, self.head_dim, groups, seq))
+        out = ops.reshape(ops.transpose(out, (0, 4, 1, 3, 2)),
+                          (batch, seq, self.num_heads * self.head_dim))
         return self.o_proj(out), cache
 
     def get_config(self):

@@ -128,10 +128,13 @@ class Gemma2Backbone(keras.Model):
         return hidden
 
     def init_cache(self, batch_size, max_length, dtype=None):
-        """An empty KV cache: per layer `(k, v)`, each [batch, max_length, kv_heads, head_dim]."""
-        shape = (batch_size, max_length, self.config.num_key_value_heads, self.config.head_dim)
+        """An empty KV cache: per layer `(k, v)`, keys [batch, kv_heads, max_length, head_dim]
+        and values transposed, [batch, kv_heads, head_dim, max_length] (see `Gemma2Attention`)."""
+        c = self.config
+        k_shape = (batch_size, c.num_key_value_heads, max_length, c.head_dim)
+        v_shape = (batch_size, c.num_key_value_heads, c.head_dim, max_length)
         dtype = dtype or self.compute_dtype
-        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in self.blocks]
+        return [(ops.zeros(k_shape, dtype), ops.zeros(v_shape, dtype)) for _ in self.blocks]
 
     def call_with_cache(self, token_ids, cache, cache_index, start=None):
         """Run `token_ids` [B, T] written into cache slots `cache_index .. cache_index + T - 1`.
@@ -141,7 +144,7 @@ class Gemma2Backbone(keras.Model):
         """
         check_token_ids(token_ids, self.config.vocab_size)
         batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        slots = ops.shape(cache[0][0])[1]
+        slots = ops.shape(cache[0][0])[2]
         if start is None:
             start = ops.zeros((batch,), "int32")
         start = ops.cast(start, "int32")[:, None]

@@ -83,7 +83,8 @@ def test_signatures_follow_litert_lm_conventions(exported):
     signatures = interpreter.get_signature_list()
     assert sorted(signatures) == ["decode", "prefill_4", "prefill_8"]
     caches = [f"kv_cache_{kv}_{i}" for kv in "kv" for i in range(CONFIG["num_hidden_layers"])]
-    cache_shape = [1, CACHE_LEN, CONFIG["num_key_value_heads"], CONFIG["head_dim"]]
+    heads, head_dim = CONFIG["num_key_value_heads"], CONFIG["head_dim"]
+    cache_shapes = {"k": [1, heads, CACHE_LEN, head_dim], "v": [1, heads, head_dim, CACHE_LEN]}
     for name, seq_len in [("prefill_4", 4), ("prefill_8", 8), ("decode", 1)]:
         runner = interpreter.get_signature_runner(name)
         inputs = runner.get_input_details()
@@ -95,12 +96,12 @@ def test_signatures_follow_litert_lm_conventions(exported):
         assert list(inputs["mask"]["shape"]) == [1, 1, seq_len, CACHE_LEN]
         assert inputs["mask"]["dtype"] == np.float32
         for cache in caches:
-            assert list(inputs[cache]["shape"]) == cache_shape
+            assert list(inputs[cache]["shape"]) == cache_shapes[cache.split("_")[2]]
         outputs = runner.get_output_details()
         expected = caches + (["logits"] if name == "decode" else [])
         assert sorted(outputs) == sorted(expected)
         for cache in caches:
-            assert list(outputs[cache]["shape"]) == cache_shape
+            assert list(outputs[cache]["shape"]) == cache_shapes[cache.split("_")[2]]
     logits = interpreter.get_signature_runner("decode").get_output_details()["logits"]
     assert list(logits["shape"]) == [1, 1, VOCAB] and logits["dtype"] == np.float32
 

@@ -3,7 +3,8 @@
 The file follows the conventions of Google's LiteRT-LM and MediaPipe LLM runtimes:
 
   prefill_<T>  inputs  tokens int32 [1, T], input_pos int32 [T], mask float32 [1, 1, T, S],
-                       kv_cache_k_<i> / kv_cache_v_<i> float32 [1, S, kv_heads, head_dim]
+                       kv_cache_k_<i> float32 [1, kv_heads, S, head_dim],
+                       kv_cache_v_<i> float32 [1, kv_heads, head_dim, S] (transposed)
                outputs kv_cache_k_<i> / kv_cache_v_<i> (the updated caches)
   decode       the same with T = 1, plus output logits float32 [1, 1, vocab]
 
@@ -115,9 +116,11 @@ class _GemmaSignatures:
     def cache_specs(self):
         tf = self.tf
         c = self.config
-        shape = (1, self.cache_len, c.num_key_value_heads, c.head_dim)
+        k_shape = (1, c.num_key_value_heads, self.cache_len, c.head_dim)
+        v_shape = (1, c.num_key_value_heads, c.head_dim, self.cache_len)
         k_names, v_names = cache_names(c.num_hidden_layers)
-        return {name: tf.TensorSpec(shape, tf.float32, name=name) for name in k_names + v_names}
+        return {**{n: tf.TensorSpec(k_shape, tf.float32, name=n) for n in k_names},
+                **{n: tf.TensorSpec(v_shape, tf.float32, name=n) for n in v_names}}
 
     def specs(self, seq_len):
         tf = self.tf

@@ -155,8 +155,12 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     if len(logits_shape) != 3 or logits_shape[:2] != (1, 1):
         fail(f"decode's {LOGITS} has shape {list(logits_shape)}; the engine reads rank-3 "
              f"[1, 1, vocab]")
-    cache_len = dec_in[k_names[0]][1]
     mask_shape = dec_in[MASK]
+    cache_shape = dec_in[k_names[0]]  # [1, kv_heads, slots, head_dim]
+    if len(cache_shape) != 4:
+        fail(f"{k_names[0]} has shape {list(cache_shape)}; expected [1, kv_heads, slots, "
+             f"head_dim]")
+    cache_len = cache_shape[2]
     if len(mask_shape) != 4 or mask_shape[-1] != cache_len:
         fail(f"decode's {MASK} has shape {list(mask_shape)}; expected [1, 1, 1, {cache_len}]")
     for t in lens:
