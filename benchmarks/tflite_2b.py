@@ -34,7 +34,8 @@ them back afterwards), and the [out, in] kernels give the converter no TRANSPOSE
 the full 2B's dynamic_int8 export (4 signatures, cache 1280) peaks at about 21 GiB, in the
 converter (about 2x the 10.5 GB of float32 weights). ai-edge-quantizer's int4 pass on a
 float32 file needs about 4.5x (47 GiB for the 2B); the exporter's int4 modes requantize the
-dynamic_int8 conversion instead (2.4 GiB more). `all` refuses to start a full-size export with
+dynamic_int8 conversion instead (2.4 GiB more; `all` runs the `requantize` stage on its int8
+file for the int4 modes). `all` refuses to start a full-size export with
 less than --min-free-gib (22) available; use --layers N, or run the stages alone.
 """
 
@@ -830,15 +831,21 @@ def stage_all(args):
         common += ["--layers", str(args.layers)]
     name = config_name(args)
     need = 0 if (args.small or args.layers) else args.min_free_gib
+    int8 = Path(args.out_dir) / f"{name}_dynamic_int8.tflite"
     run_stage(["bandwidth", *common], 300)
     for quantize in args.modes.split(","):
-        if free_gib() < need:
+        if quantize.startswith("int4") and int8.exists():
+            # What export_tflite does for int4, from the int8 file already converted.
+            ok = run_stage(["requantize", *common, "--quantize", quantize, "--tflite",
+                            str(int8)], args.export_timeout)
+        elif free_gib() < need:
             print(f"!! skipping the {quantize} export: {free_gib():.1f} GiB available, "
                   f"{need} needed", flush=True)
             continue
-        ok = run_stage(["export", *common, "--quantize", quantize, "--cache-len",
-                        str(args.cache_len), "--prefill-lens", args.prefill_lens],
-                       args.export_timeout)
+        else:
+            ok = run_stage(["export", *common, "--quantize", quantize, "--cache-len",
+                            str(args.cache_len), "--prefill-lens", args.prefill_lens],
+                           args.export_timeout)
         tflite = str(Path(args.out_dir) / f"{name}_{quantize}.tflite")
         if not ok or not Path(tflite).exists():
             continue
