@@ -96,12 +96,23 @@ class Gemma2CausalLM(keras.Model):
         return pretrained.load(directory, dtype=dtype)
 
     def get_config(self):
+        """The backbone, and the LoRA adapters' shape when enabled (so that a `.keras` file
+        saved mid-fine-tune reloads with its adapters, and the base weights frozen)."""
+        from gemma_keras import lora
+
         base = super().get_config()
         base.pop("dtype", None)
-        return {**base, "backbone": keras.saving.serialize_keras_object(self.backbone)}
+        config = {**base, "backbone": keras.saving.serialize_keras_object(self.backbone)}
+        if lora.enabled_lora_layers(self):
+            config["lora"] = lora.lora_spec(self)
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
+        lora_spec = config.pop("lora", None)
+        model = cls(**config)
+        if lora_spec:
+            model.enable_lora(**lora_spec)
+        return model

@@ -88,6 +88,16 @@ def lora_targets(model) -> tuple[str, ...]:
                         key=ALL_TARGETS.index))
 
 
+def lora_spec(model) -> dict:
+    """`enable_lora`'s arguments that recreate the model's adapters: rank, alpha, targets."""
+    layers = enabled_lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters; call enable_lora first")
+    first = layers[0][1]
+    return {"rank": int(first.lora_rank), "alpha": float(first.lora_alpha),
+            "targets": list(lora_targets(model))}
+
+
 def enable_lora(model, rank, alpha=None, targets=None):
     """Add rank-`rank` adapters to the targeted projections and freeze all other weights.
 
@@ -128,9 +138,9 @@ def lora_state(model) -> tuple[dict, dict]:
     for name, layer in layers:
         tensors[f"{name}.lora_A.weight"] = np.asarray(layer.lora_a.numpy())
         tensors[f"{name}.lora_B.weight"] = np.asarray(layer.lora_b.numpy())
-    first = layers[0][1]
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(first.lora_rank),
-              "lora_alpha": float(first.lora_alpha), "target_modules": list(lora_targets(model)),
+    spec = lora_spec(model)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec["rank"],
+              "lora_alpha": spec["alpha"], "target_modules": spec["targets"],
               "lora_dropout": 0.0, "bias": "none"}
     return tensors, config
 

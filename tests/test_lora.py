@@ -113,6 +113,19 @@ def test_adapter_file_is_small_and_reloads(finetuned, probe_ids, tmp_path):
     np.testing.assert_allclose(logits(other, probe_ids), logits(model, probe_ids), atol=1e-5)
 
 
+def test_keras_file_saved_mid_finetune_reloads_its_adapters(finetuned, probe_ids, tmp_path):
+    import keras
+
+    model, _, _ = finetuned
+    model.save(tmp_path / "lora.keras")
+    loaded = keras.saving.load_model(tmp_path / "lora.keras")
+    np.testing.assert_allclose(logits(loaded, probe_ids), logits(model, probe_ids), atol=1e-5)
+    # the base weights are frozen again: only the adapters train
+    assert sorted(v.path for v in loaded.trainable_variables) == sorted(
+        v.path for v in model.trainable_variables)
+    assert all("/lora_" in v.path for v in loaded.trainable_variables)
+
+
 def test_adapter_file_mismatch_is_an_error(finetuned, tmp_path):
     from gemma_keras.lora import load_lora_weights, save_lora_weights
 
