@@ -43,5 +43,29 @@ def main(argv=None) -> int:
         return 1
 
 
+def _quiet_litert_exit():
+    """LiteRT's process-wide environment logs "DestroyAccelerator" lines on stderr when the
+    interpreter shuts down, after the command's output: drop stderr at exit if LiteRT was
+    used. Only for the console command; `main` leaves the process alone."""
+    if "ai_edge_litert" in sys.modules:
+        import atexit
+        import os
+
+        def drop_stderr():
+            sys.stderr.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+
+        atexit.register(drop_stderr)
+
+
+def run():
+    """The `gemma-keras` console command: `main` on sys.argv, then exit with its status."""
+    status = main()
+    _quiet_litert_exit()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -145,12 +145,15 @@ def _exports(model, work, report) -> dict:
         import tensorflow as tf
 
         from gemma_keras.saved_model import export_saved_model
+        from gemma_keras.tflite.native_log import stderr_captured
 
         report.section("4b. Export a SavedModel for TF Serving and answer with it")
-        path = export_saved_model(model, work / "serving", max_length=64,
-                                  max_new_tokens=tiny_task.MAX_NEW_TOKENS)
-        served = tf.saved_model.load(str(path))
-        completions = served.generate(tf.constant(prompts))["completions"].numpy()
+        # (tf-text's SentencePiece op logs "precompiled_charsmap is empty" as it loads)
+        with stderr_captured():
+            path = export_saved_model(model, work / "serving", max_length=64,
+                                      max_new_tokens=tiny_task.MAX_NEW_TOKENS)
+            served = tf.saved_model.load(str(path))
+            completions = served.generate(tf.constant(prompts))["completions"].numpy()
         answers = [c.decode("utf-8") for c in completions]
         report.answers(NEW_TASK_PROMPTS, answers)
         out["saved_model"] = {"path": str(path), "answers": answers}

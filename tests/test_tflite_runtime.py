@@ -254,3 +254,11 @@ def test_cli_export_then_generate(tmp_path, capsys):
     assert main(["generate", "--tflite", str(out), "--chat", "reverse: red fish blue fish",
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == "fish blue fish red"
+    # the console command prints the completion and nothing from LiteRT's logging
+    result = subprocess.run([sys.executable, "-m", "gemma_keras.cli", "generate", "--tflite",
+                             str(out), "--chat", "reverse: red fish blue fish",
+                             "--max-new-tokens", "8"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "fish blue fish red"
+    assert "INFO: [" not in result.stderr and "WARNING: [" not in result.stderr, result.stderr

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
+from gemma_keras.tflite.native_log import stderr_captured
 from gemma_keras.tflite.signatures import (
     DECODE,
     LOGITS,
@@ -295,7 +296,8 @@ def _convert(saved_model_dir, signature_keys, quantize):
         # Per-tensor scales for FULLY_CONNECTED too, so that the tied embedding gets one
         # int8 copy shared by GATHER and the output head.
         converter._experimental_disable_per_channel_quantization_for_dense_layers = True
-    return converter.convert()
+    with stderr_captured():  # the converter logs its passes; errors come as exceptions
+        return converter.convert()
 
 
 def export_tflite(model, out, quantize="none", kv_cache_max_len=None,

@@ -15,17 +15,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import gc
 import itertools
 import os
 import re
-import sys
-import tempfile
 
 import numpy as np
 
 from gemma_keras.samplers import get_sampler
+from gemma_keras.tflite.native_log import stderr_captured
 from gemma_keras.tokenizer import stream_text
 from gemma_keras.tflite.signatures import (
     DECODE,
@@ -77,28 +75,6 @@ def _remove_stale_caches(path, keep):
                 pass
 
 
-@contextlib.contextmanager
-def _native_log_captured():
-    """Send what native code writes to stderr meanwhile to a file; yields a list that holds
-    the text afterwards (for an error message).
-
-    Loading a model makes LiteRT log about twenty lines (accelerator registry, vendor compiler
-    plugins it cannot load, XNNPACK): noise for a user of `generate`."""
-    text = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile("w+") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield text
-        finally:
-            ctypes.CDLL(None).fflush(None)  # C stdio may hold some of it in its buffer
-            os.dup2(saved, 2)
-            os.close(saved)
-            log.seek(0)
-            text.append(log.read().strip())
-
-
 def _compiled_model(path, num_threads, weight_cache_file):
     """LiteRT's CompiledModel of `path` on XNNPACK, its packed weights in `weight_cache_file`
     (loaded if complete, else written; "": none)."""
@@ -109,7 +85,7 @@ def _compiled_model(path, num_threads, weight_cache_file):
     options = Options(cpu_options=CpuOptions(num_threads=num_threads,
                                              xnnpack_weight_cache_path=weight_cache_file))
     try:
-        with _native_log_captured() as log:
+        with stderr_captured() as log:
             return CompiledModel.from_file(path, options=options)
     except (ValueError, RuntimeError) as e:
         errors = [line for line in "".join(log).splitlines() if "ERROR" in line]
@@ -175,7 +151,9 @@ class GemmaTFLite:
             # the largest weight (0.55 GiB for the 2B's embedding).
             partial = f"{cache}.{os.getpid()}.tmp"
             try:
-                _compiled_model(path, num_threads, partial).close()
+                with stderr_captured():  # releasing it logs LiteRT's teardown
+                    _compiled_model(path, num_threads, partial).close()
+                    gc.collect()  # its environment sits in a reference cycle
                 if os.path.isfile(partial):
                     os.replace(partial, cache)
             finally:
@@ -198,10 +176,11 @@ class GemmaTFLite:
         # Slots past the current position are masked, so they only need to hold finite
         # values: zeros once here, then whatever an earlier prompt left.
         self._caches = {}
-        for name in self.cache_names:
-            buffer = self.model.create_input_buffer_by_name(DECODE, name)
-            buffer.write(np.zeros(inputs[name]["shape"], _DTYPES[inputs[name]["dtype"]]))
-            self._caches[name] = buffer
+        with stderr_captured():  # the first write creates LiteRT's environment (logged)
+            for name in self.cache_names:
+                buffer = self.model.create_input_buffer_by_name(DECODE, name)
+                buffer.write(np.zeros(inputs[name]["shape"], _DTYPES[inputs[name]["dtype"]]))
+                self._caches[name] = buffer
         self._signatures = {1: _Signature(self.model, DECODE, self._caches)}
         for t in self.prefill_lens:
             self._signatures[t] = _Signature(self.model, prefill_name(t), self._caches)
@@ -215,6 +194,28 @@ class GemmaTFLite:
             from gemma_keras.tokenizer import GemmaTokenizer
 
             self.tokenizer = GemmaTokenizer(tokenizer_path)
+
+    def close(self):
+        """Release the model and its caches now (LiteRT's teardown log lines are dropped)."""
+        if getattr(self, "model", None) is None:
+            return
+        with stderr_captured():
+            self._signatures = self._caches = None
+            self.model.close()
+            self.model = None
+            gc.collect()  # LiteRT's environment sits in a reference cycle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may be gone already
+            pass
 
     def __repr__(self):
         return (f"GemmaTFLite({self.path!r}, cache_len={self.cache_len}, "
