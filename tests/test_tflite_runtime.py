@@ -103,6 +103,17 @@ def test_prompt_too_long_for_the_cache_is_refused(runtime):
     assert len(runtime.generate(ids, max_new_tokens=4, stop_token_ids=())) == 4  # 62 fit
 
 
+def test_closed_runtime_refuses_to_run(tiny_exports):
+    from gemma_keras.tflite import GemmaTFLite
+
+    with GemmaTFLite(tiny_exports["dynamic_int8"], f"{TINY}/tokenizer.model") as lm:
+        first = lm.start([2, 17, 42])
+    assert np.all(np.isfinite(first))
+    lm.close()  # a second close is a no-op
+    with pytest.raises(ValueError, match="is closed"):
+        lm.start([2, 17, 42])
+
+
 def test_caches_update_in_place_and_a_new_prompt_forgets_the_last(runtime, tiny_exports):
     """The caches are one buffer each, updated in place and not cleared between prompts: a
     short prompt after a long one gives the logits of a fresh runtime (the slots the long

@@ -231,6 +231,8 @@ class GemmaTFLite:
     def _run(self, seq_len, tokens, start):
         """Run `tokens` (at most `seq_len`) at positions start.. through the signature whose
         length is `seq_len` (1: decode), padding with token 0; the caches update in place."""
+        if self.model is None:
+            raise ValueError(f"{self!r} is closed")
         ids = np.full((1, seq_len), PAD_ID, np.int32)
         ids[0, :len(tokens)] = tokens
         positions = np.arange(start, start + seq_len, dtype=np.int32)
