@@ -127,12 +127,17 @@ class Gemma2Backbone(keras.Model):
         hidden, _ = self.run_blocks(self.embed(token_ids), positions, masks)
         return hidden
 
-    def init_cache(self, batch_size, max_length, dtype=None):
-        """An empty KV cache: per layer `(k, v)`, keys [batch, kv_heads, max_length, head_dim]
-        and values transposed, [batch, kv_heads, head_dim, max_length] (see `Gemma2Attention`)."""
+    def cache_shapes(self, batch_size, max_length):
+        """`(k_shape, v_shape)` of one layer's cache: keys [batch, kv_heads, max_length,
+        head_dim] and values transposed, [batch, kv_heads, head_dim, max_length] (see
+        `Gemma2Attention`)."""
         c = self.config
-        k_shape = (batch_size, c.num_key_value_heads, max_length, c.head_dim)
-        v_shape = (batch_size, c.num_key_value_heads, c.head_dim, max_length)
+        return ((batch_size, c.num_key_value_heads, max_length, c.head_dim),
+                (batch_size, c.num_key_value_heads, c.head_dim, max_length))
+
+    def init_cache(self, batch_size, max_length, dtype=None):
+        """An empty KV cache: per layer `(k, v)`, shaped as `cache_shapes` says."""
+        k_shape, v_shape = self.cache_shapes(batch_size, max_length)
         dtype = dtype or self.compute_dtype
         return [(ops.zeros(k_shape, dtype), ops.zeros(v_shape, dtype)) for _ in self.blocks]
 

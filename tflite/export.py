@@ -117,8 +117,7 @@ class _GemmaSignatures:
     def cache_specs(self):
         tf = self.tf
         c = self.config
-        k_shape = (1, c.num_key_value_heads, self.cache_len, c.head_dim)
-        v_shape = (1, c.num_key_value_heads, c.head_dim, self.cache_len)
+        k_shape, v_shape = self.model.backbone.cache_shapes(1, self.cache_len)
         k_names, v_names = cache_names(c.num_hidden_layers)
         return {**{n: tf.TensorSpec(k_shape, tf.float32, name=n) for n in k_names},
                 **{n: tf.TensorSpec(v_shape, tf.float32, name=n) for n in v_names}}

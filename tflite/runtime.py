@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import re
@@ -153,7 +152,6 @@ class GemmaTFLite:
             try:
                 with stderr_captured():  # releasing it logs LiteRT's teardown
                     _compiled_model(path, num_threads, partial).close()
-                    gc.collect()  # its environment sits in a reference cycle
                 if os.path.isfile(partial):
                     os.replace(partial, cache)
             finally:
@@ -203,7 +201,6 @@ class GemmaTFLite:
             self._signatures = self._caches = None
             self.model.close()
             self.model = None
-            gc.collect()  # LiteRT's environment sits in a reference cycle
 
     def __enter__(self):
         return self
