@@ -227,7 +227,7 @@ def expected_weight_bytes(config, quantize):
         return int(weight_bytes(config, quantize))
     except (ImportError, TypeError, ValueError):
         bits = {"none": 32, "fp16": 16, "dynamic_int8": 8, "weight_only_int8": 8,
-                "int4_block32": 4, "int4_block128": 4}[quantize]
+                "int4_block32": 4, "int4_block128": 4, "int4_channel": 4}[quantize]
         return int(config.num_parameters() * bits / 8)
 
 

@@ -1,8 +1,8 @@
-"""Streaming requantization of a dynamic-int8 export to int4 blockwise (`tflite/requantize.py`).
+"""Streaming requantization of a dynamic-int8 export to int4 (`tflite/requantize.py`).
 
-A random Gemma 2 is exported once as dynamic int8 and, by ai-edge-quantizer on the float32
-conversion, as int4 block 32 and 128. The requantized int8 file must equal ai-edge-quantizer's
-file wherever the weights are concerned (values, scales, tensor types and quantization
+A random Gemma 2 is exported once as dynamic int8 and as float32; ai-edge-quantizer turns the
+float32 file into int4 block 32, block 128 and per channel, the reference. The requantized int8
+file must equal ai-edge-quantizer's file wherever the weights are concerned (values, scales, tensor types and quantization
 parameters, op codes, versions and options), decode the same logits, keep the tied embedding
 one tensor, and refuse bad inputs with a clear error and no file left behind.
 """
@@ -19,7 +19,7 @@ VOCAB, HIDDEN = 2048, 128
 CONFIG = {**TINY_HF_CONFIG, "model_type": "gemma2", "vocab_size": VOCAB, "hidden_size": HIDDEN,
           "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24}
-MODES = ("int4_block32", "int4_block128")
+MODES = ("int4_block32", "int4_block128", "int4_channel")
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,20 @@ def keras_lm():
 
 @pytest.fixture(scope="module")
 def exported(keras_lm, tmp_path_factory):
+    """The dynamic_int8 export, and each of MODES as ai-edge-quantizer writes it from the
+    float32 export (with the table GATHERs made EMBEDDING_LOOKUPs first, as it needs)."""
     from gemma_keras.tflite.export import export_tflite_variants
+    from gemma_keras.tflite.quantize import gathers_to_embedding_lookups, quantize_flatbuffer
 
     out = tmp_path_factory.mktemp("requantize_export")
-    modes = ("dynamic_int8",) + MODES
-    return export_tflite_variants(keras_lm, {q: out / f"{q}.tflite" for q in modes},
-                                  kv_cache_max_len=32, prefill_lens=(4,), progress=False)
+    files = export_tflite_variants(keras_lm, {q: out / f"{q}.tflite"
+                                              for q in ("dynamic_int8", "none")},
+                                   kv_cache_max_len=32, prefill_lens=(4,), progress=False)
+    lookups = gathers_to_embedding_lookups(files["none"].read_bytes())
+    for q in MODES:
+        files[q] = out / f"{q}.tflite"
+        files[q].write_bytes(quantize_flatbuffer(lookups, q))
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -96,27 +104,32 @@ def test_same_encoding_as_ai_edge_quantizer(exported, requantized, quantize):
                     _fields(b, ("name", "buffer", "quantization"))
                 assert _fields(a.quantization, ("details",)) == \
                     _fields(b.quantization, ("details",))
+                assert _bytes(ours_data, ours, a.buffer) == _bytes(ref_data, ref, b.buffer)
+                compared += 1
+                if quantize == "int4_channel":  # the scales are the parameters compared above
+                    assert b.quantization.details is None and len(b.quantization.scale) == \
+                        b.shape[0]
+                    continue
                 assert _fields(a.quantization.details, ("scales",)) == \
                     _fields(b.quantization.details, ("scales",))
-                assert _bytes(ours_data, ours, a.buffer) == _bytes(ref_data, ref, b.buffer)
                 sa = ours_sg.tensors[a.quantization.details.scales]
                 sb = ref_sg.tensors[b.quantization.details.scales]
                 assert sa.name == a.name + b"_scales" and sb.name == b.name + b"_scales"
                 assert _fields(sa, ("name", "buffer")) == _fields(sb, ("name", "buffer"))
                 assert _bytes(ours_data, ours, sa.buffer) == _bytes(ref_data, ref, sb.buffer)
-                compared += 1
     weight_ops = (schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.EMBEDDING_LOOKUP)
     assert compared == sum(ref.operatorCodes[op.opcodeIndex].builtinCode in weight_ops
                            for subgraph in ref.subgraphs for op in subgraph.operators)
 
 
-def test_decode_logits_equal_ai_edge_quantizer(exported, requantized):
+@pytest.mark.parametrize("quantize", MODES)
+def test_decode_logits_equal_ai_edge_quantizer(exported, requantized, quantize):
     from gemma_keras.tflite import GemmaTFLite
 
     ids = [2] + np.random.default_rng(0).integers(3, VOCAB, 9).tolist()
     logits = {}
-    for name, path in [("ours", requantized["int4_block32"]),
-                       ("ai-edge-quantizer", exported["int4_block32"])]:
+    for name, path in [("ours", requantized[quantize]),
+                       ("ai-edge-quantizer", exported[quantize])]:
         runtime = GemmaTFLite(path)
         logits[name] = np.stack([runtime.start(ids[:3])] + [runtime.step(t) for t in ids[3:]])
     assert np.isfinite(logits["ours"]).all()
@@ -220,3 +233,28 @@ def test_checkpoint_weights_read_the_exporters_checkpoint(keras_lm, exported, re
     out = requantize_tflite(exported["dynamic_int8"], checkpoint_weights(path, keras_lm),
                             "int4_block32", tmp_path / "from_checkpoint.tflite")
     assert out.read_bytes() == requantized["int4_block32"].read_bytes()
+
+
+def test_per_channel_scales_are_stored_once(exported, requantized):
+    """Each weight's per-channel scales are one table in the file that every signature's
+    tensor points at (ai-edge-quantizer repeats them per signature): same scales everywhere,
+    one position, and a smaller file."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = requantized["int4_channel"].read_bytes()
+    model = schema.Model.GetRootAs(data, 0)
+    tables = {}  # weight buffer -> positions of its tensors' quantization tables
+    uses = 0
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for t in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(t)
+            if tensor.Type() == schema.TensorType.INT4:
+                q = tensor.Quantization()
+                assert q.ScaleLength() == tensor.Shape(0) and not q.ZeroPointAsNumpy().any()
+                tables.setdefault(tensor.Buffer(), set()).add(q._tab.Pos)
+                uses += 1
+    assert len(tables) > 1 and uses > len(tables), "expected weights read by several signatures"
+    assert all(len(positions) == 1 for positions in tables.values())
+    assert len(data) < exported["int4_channel"].stat().st_size
+

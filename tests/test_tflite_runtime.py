@@ -19,7 +19,7 @@ from gemma_keras import tiny_task
 TINY = tiny_task.tiny_model_dir()
 CACHE_LEN = 62
 PREFILL_LENS = (4, 8)
-VARIANTS = ("none", "dynamic_int8", "int4_block32")
+VARIANTS = ("none", "dynamic_int8", "int4_block32", "int4_channel")
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +229,8 @@ def test_bad_inputs_get_clear_errors(tiny_exports, tmp_path):
 
 
 def test_quantized_exports_keep_task_accuracy(tiny_exports, tiny_lm):
-    """dynamic_int8 within 2 points of the Keras float model, int4_block32 within 5, on the
-    200 held-out examples."""
+    """dynamic_int8 within 2 points of the Keras float model, int4_block32 and int4_channel
+    within 5, on the 200 held-out examples."""
     from gemma_keras.tflite import GemmaTFLite
 
     examples = tiny_task.eval_examples()
@@ -249,6 +249,7 @@ def test_quantized_exports_keep_task_accuracy(tiny_exports, tiny_lm):
     assert accuracies["none"] == keras_accuracy
     assert accuracies["dynamic_int8"] >= keras_accuracy - 0.02
     assert accuracies["int4_block32"] >= keras_accuracy - 0.05
+    assert accuracies["int4_channel"] >= keras_accuracy - 0.05
 
 
 def test_cli_export_then_generate(tmp_path, capsys):

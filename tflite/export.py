@@ -307,8 +307,8 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
       quantize: one of `gemma_keras.tflite.QUANTIZATIONS`: "none" (float32), "fp16",
         "dynamic_int8" (TensorFlow's converter, per-tensor scales), "weight_only_int8"
         (ai-edge-quantizer on the float32 file, per channel), "int4_block32",
-        "int4_block128" (the dynamic_int8 file's weights requantized from the float32
-        originals, `requantize.py`; memory-bounded, so the full 2B fits).
+        "int4_block128", "int4_channel" (the dynamic_int8 file's weights requantized from the
+        float32 originals, `requantize.py`; memory-bounded, so the full 2B fits).
       kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S. Default:
         1024, or the model's max_position_embeddings if smaller.
       prefill_lens: one `prefill_<T>` signature per length T.

@@ -106,14 +106,17 @@ class TFLiteFileInfo:
         return sum(self._buffer_nbytes(b) for b in {t.buffer for t in self.stored_tensors()})
 
     def quantization_param_bytes(self) -> int:
-        """Bytes of per-tensor quantization parameters (a float32 scale and an int64 zero
-        point per channel), which each subgraph repeats for every tensor it reads."""
-        total = 0
+        """Bytes of stored quantization parameters (a float32 scale and an int64 zero point
+        per channel). ai-edge-quantizer repeats them in each subgraph for every tensor it
+        reads; a table shared by several tensors (`requantize`'s per-channel int4) counts
+        once."""
+        total, seen = 0, set()
         for s in range(self._model.SubgraphsLength()):
             subgraph = self._model.Subgraphs(s)
             for t in range(subgraph.TensorsLength()):
                 q = subgraph.Tensors(t).Quantization()
-                if q is not None:
+                if q is not None and q._tab.Pos not in seen:
+                    seen.add(q._tab.Pos)
                     total += 4 * q.ScaleLength() + 8 * q.ZeroPointLength()
         return total
 

@@ -1,9 +1,9 @@
 """Quantization modes of the TFLite export.
 
 "fp16" and "dynamic_int8" are applied by TensorFlow's converter (see `export.py`);
-"weight_only_int8" by `ai-edge-quantizer` on the finished float32 file; "int4_block32" and
-"int4_block128" by `requantize.py`, which rewrites the dynamic_int8 file's weights from the
-float32 originals in ai-edge-quantizer's encoding, one tensor at a time.
+"weight_only_int8" by `ai-edge-quantizer` on the finished float32 file; "int4_block32",
+"int4_block128" and "int4_channel" by `requantize.py`, which rewrites the dynamic_int8 file's
+weights from the float32 originals in ai-edge-quantizer's encoding, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import struct
 
 QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "weight_only_int8", "int4_block32",
-                 "int4_block128")
+                 "int4_block128", "int4_channel")
 
 # Stored bytes per weight-matrix value of each mode, scales included (int4 blocks carry one
-# float16 scale each). Norm scales (vectors) stay float32, except in "fp16".
+# float16 scale each; "int4_channel" one float32 per row, not counted here). Norm scales
+# (vectors) stay float32, except in "fp16".
 BYTES_PER_WEIGHT = {"none": 4, "fp16": 2, "dynamic_int8": 1, "weight_only_int8": 1,
-                    "int4_block32": 0.5 + 2 / 32, "int4_block128": 0.5 + 2 / 128}
+                    "int4_block32": 0.5 + 2 / 32, "int4_block128": 0.5 + 2 / 128,
+                    "int4_channel": 0.5}
 
 
 def weight_bytes(config, quantize):
@@ -33,6 +35,7 @@ AI_EDGE_RECIPES = {
     "weight_only_int8": (8, "CHANNELWISE", True),
     "int4_block32": (4, "BLOCKWISE_32", False),
     "int4_block128": (4, "BLOCKWISE_128", False),
+    "int4_channel": (4, "CHANNELWISE", False),
 }
 
 

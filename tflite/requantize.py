@@ -1,4 +1,5 @@
-"""Requantize a dynamic-int8 `.tflite` export to int4 blockwise, streaming, from the float weights.
+"""Requantize a dynamic-int8 `.tflite` export to int4 (blockwise or per channel), streaming,
+from the float weights.
 
 ai-edge-quantizer produces the int4 modes from a float32 `.tflite` file that it holds in memory
 about 4.5 times over, and TensorFlow's converter needs about 3 times the float32 weights to
@@ -9,10 +10,13 @@ ai-edge-quantizer would have written from the float32 one:
 - every weight of a FULLY_CONNECTED, an EMBEDDING_LOOKUP or a table GATHER (a stored 2-D table
   read with 1-D ids on axis 0) is quantized again from its ORIGINAL float32 values (not from
   the int8 ones), with ai-edge-quantizer's own functions, and encoded as it encodes its
-  "dynamic" int4 blockwise recipe: INT4 values (two per byte, low nibble first), a
-  BlockwiseQuantization (block size, no zero points, quantized dimension 0) whose scales are a
-  FLOAT16 tensor `<name>_scales` of shape [rows, cols / block] (float32 scale rounded to
-  bfloat16, then stored as float16), FULLY_CONNECTED at its float32 version with
+  "dynamic" int4 recipes: INT4 values (two per byte, low nibble first) and symmetric scales.
+  Blockwise: a BlockwiseQuantization (block size, no zero points, quantized dimension 0) whose
+  scales are a FLOAT16 tensor `<name>_scales` of shape [rows, cols / block] (float32 scale
+  rounded to bfloat16, then stored as float16). Per channel ("int4_channel"): one float32
+  scale per row in the tensor's quantization parameters (zero points 0, quantized dimension
+  0), which XNNPACK runs with its faster per-channel int4 kernel. FULLY_CONNECTED at its
+  float32 version with
   `asymmetric_quantize_inputs` off, and a table GATHER (with the DEQUANTIZE after it) replaced
   by one EMBEDDING_LOOKUP (version 1) that outputs float32, as `quantize.
   gathers_to_embedding_lookups` does before ai-edge-quantizer runs. A weight buffer shared by
@@ -58,7 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK_SIZES = {"int4_block32": 32, "int4_block128": 128}
+# Each int4 mode's block size along a row; None: one scale per row (per channel).
+BLOCK_SIZES = {"int4_block32": 32, "int4_block128": 128, "int4_channel": None}
 
 _ALIGN = 16
 _CHUNK_BYTES = 16 << 20
@@ -74,7 +79,7 @@ def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
       weights: `{name: float array or zero-argument callable returning one}` holding the
         float32 values of every int8 weight in the file (more entries are fine), in the
         layout of the file's tensor or transposed.
-      quantize: "int4_block32" or "int4_block128".
+      quantize: "int4_block32", "int4_block128" or "int4_channel".
       out_path: the output file, written under a temporary name and renamed when complete.
     Returns the output path. Raises ValueError naming the tensor when a weight is missing,
     ambiguous or does not match, and when the file is not a complete `.tflite` flatbuffer.
@@ -86,7 +91,7 @@ def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
     with _TFLiteFile(int8_path) as source:
         model = source.unpack()
         found = _find_weights(source, model, block)
-        _match_sources(source, found, weights)
+        _match_sources(source, found, weights, per_channel=block is None)
         scales_buffers = _rewrite_graph(model, found, block)
         _write(out_path, source, model, found, scales_buffers, weights, block, progress)
     return out_path
@@ -136,6 +141,8 @@ class _Weight:
     nbytes: int
     uses: list = dataclasses.field(default_factory=list)  # (subgraph, tensor index)
     source: tuple | None = None  # (name in `weights`, transposed)
+    channel_scales: np.ndarray | None = None  # per-channel int4: the float32 scale of each row
+    quantization: object = None  # per-channel int4: its QuantizationParametersT, shared by uses
 
 
 class _TFLiteFile:
@@ -271,9 +278,10 @@ def _new_weight(source, tensor, block, schema):
     if tensor.type not in types:
         raise ValueError(f"tensor {name!r}: expected an int8 (or float32) weight, got tensor "
                          f"type {tensor.type}; requantize the dynamic_int8 export")
-    if len(shape) != 2 or shape[1] % block:
-        raise ValueError(f"tensor {name!r} has shape {shape}: blockwise quantization needs a "
-                         f"2-D weight whose {shape[-1]} columns are a multiple of {block}")
+    if len(shape) != 2 or (block and shape[1] % block) or shape[0] * shape[1] % 2:
+        need = f"whose {shape[-1]} columns are a multiple of {block}" if block else "(even size)"
+        raise ValueError(f"tensor {name!r} has shape {shape}: int4 quantization needs a 2-D "
+                         f"weight {need}")
     position, nbytes = source.span(tensor.buffer)
     int8 = types[tensor.type]
     return _Weight(tensor.buffer, name, shape[0], shape[1], int8,
@@ -341,8 +349,9 @@ def _rounding_error(values, dequantized, steps):
     return float(np.max(np.abs(values - dequantized) / np.maximum(steps / 2, 1e-30)))
 
 
-def _match_sources(source, found, weights):
-    """Set `weight.source` of every int8 weight: the one (name, layout) that rounds to it."""
+def _match_sources(source, found, weights, per_channel=False):
+    """Set `weight.source` of every int8 weight: the one (name, layout) that rounds to it;
+    with `per_channel`, also every weight's `channel_scales` (from the same load)."""
     pending = [w for w in found.values() if w.int8]
     by_size = {}
     for w in pending:
@@ -350,6 +359,7 @@ def _match_sources(source, found, weights):
     samples = {w.buffer: _sample(source, w) for w in pending}
     matches = {w.buffer: [] for w in pending}
     closest = {}
+    row_bounds = {}  # (buffer, name, transposed) -> max |value| of each row
     for name in weights:
         array = _load(weights, name)
         for w in by_size.get(array.size, []):
@@ -359,6 +369,9 @@ def _match_sources(source, found, weights):
                 error = _rounding_error(values, dequantized, w.scales[rows])
                 if error <= _TOLERANCE:
                     matches[w.buffer].append((name, transposed))
+                    if per_channel:
+                        row_bounds[w.buffer, name, transposed] = _row_abs_max(
+                            _view(array, w, transposed))
                 elif error < closest.get(w.buffer, (np.inf,))[0]:
                     closest[w.buffer] = (error, name, transposed)
         del array
@@ -370,6 +383,30 @@ def _match_sources(source, found, weights):
         if not found_here:
             raise ValueError(_missing_message(w, closest.get(w.buffer)))
         w.source = found_here[0]
+        if per_channel:
+            w.channel_scales = channel_scales(row_bounds[(w.buffer, *w.source)])
+    for w in found.values():
+        if per_channel and not w.int8:
+            w.channel_scales = channel_scales(_stored_float_row_bounds(source, w))
+
+
+def _row_abs_max(matrix):
+    """max |value| of each row, in row chunks (no full-size temporary)."""
+    rows_per_chunk = max(1, _CHUNK_BYTES // (4 * matrix.shape[1]))
+    return np.concatenate([np.abs(matrix[i:i + rows_per_chunk]).max(axis=1)
+                           for i in range(0, matrix.shape[0], rows_per_chunk)])
+
+
+def _stored_float_row_bounds(source, weight):
+    """max |value| of each row of a float32 weight stored in the file, read in chunks."""
+    rows_per_chunk = max(1, _CHUNK_BYTES // (4 * weight.cols))
+    bounds = []
+    for start in range(0, weight.rows, rows_per_chunk):
+        count = min(rows_per_chunk, weight.rows - start)
+        values = source.read(weight.position + 4 * start * weight.cols, count * weight.cols,
+                             np.float32)
+        bounds.append(np.abs(values.reshape(count, weight.cols)).max(axis=1))
+    return np.concatenate(bounds)
 
 
 def _describe(matches):
@@ -396,10 +433,11 @@ def _rewrite_graph(model, found, block):
 
     scales_buffers = {}
     for w in found.values():
-        scales_buffers[w.buffer] = len(model.buffers)
-        model.buffers.append(schema.BufferT())
+        if block:
+            scales_buffers[w.buffer] = len(model.buffers)
+            model.buffers.append(schema.BufferT())
         for s, t in w.uses:
-            _retype(model.subgraphs[s], t, scales_buffers[w.buffer], w, block)
+            _retype(model.subgraphs[s], t, scales_buffers.get(w.buffer), w, block)
     wanted = {}  # id(op) -> the builtin operator it becomes
     for subgraph in model.subgraphs:
         for op in list(subgraph.operators):
@@ -412,6 +450,13 @@ def _retype(subgraph, index, scales_buffer, weight, block):
     from ai_edge_litert import schema_py_generated as schema
 
     tensor = subgraph.tensors[index]
+    tensor.type = schema.TensorType.INT4
+    if block is None:
+        tensor.quantization = _channel_quantization(weight)
+        return
+    q = schema.QuantizationParametersT()
+    q.quantizedDimension = 0
+    tensor.quantization = q
     scales = schema.TensorT()
     scales.name = tensor.name + b"_scales"
     scales.shape = [weight.rows, weight.cols // block]
@@ -420,12 +465,28 @@ def _retype(subgraph, index, scales_buffer, weight, block):
     subgraph.tensors.append(scales)
     details = schema.BlockwiseQuantizationT()
     details.scales, details.zeroPoints, details.blockSize = len(subgraph.tensors) - 1, -1, block
-    q = schema.QuantizationParametersT()
     q.detailsType = schema.QuantizationDetails.BlockwiseQuantization
     q.details = details
-    q.quantizedDimension = 0
-    tensor.quantization = q
-    tensor.type = schema.TensorType.INT4
+
+
+def _channel_quantization(weight):
+    """The per-channel quantization parameters of `weight`: one object for all its tensors
+    (one per signature), written once into the file (the scales and zero points of the 2B's
+    tensors would otherwise take 46 MB, 12 MB per signature)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    class SharedQuantization(schema.QuantizationParametersT):
+        def Pack(self, builder):  # noqa: N802 (the flatbuffers object API's name)
+            if getattr(self, "_builder", None) is not builder:
+                self._builder, self._offset = builder, super().Pack(builder)
+            return self._offset
+
+    if weight.quantization is None:
+        q = weight.quantization = SharedQuantization()
+        q.quantizedDimension = 0
+        q.scale = weight.channel_scales
+        q.zeroPoint = np.zeros(weight.rows, np.int64)
+    return weight.quantization
 
 
 def _rewrite_op(model, subgraph, op, found, wanted):
@@ -553,7 +614,8 @@ def _data_order(source, model, found, scales_buffers, block):
         if index in found:
             w = found[index]
             order.append((index, w.rows * w.cols // 2))
-            order.append((scales_buffers[index], w.rows * (w.cols // block) * 2))
+            if block:
+                order.append((scales_buffers[index], w.rows * (w.cols // block) * 2))
         elif source.span(index)[1]:
             order.append((index, source.span(index)[1]))
     return order
@@ -614,7 +676,8 @@ def _copy(source, index, f):
 
 
 def _write_weight(f, source, weight, weights, block):
-    """Write `weight`'s int4 values to `f`, quantized chunk by chunk; return its scales."""
+    """Write `weight`'s int4 values to `f`, quantized chunk by chunk; return its block scales
+    (None per channel: those are `weight.channel_scales`)."""
     if weight.int8:
         name, transposed = weight.source
         matrix = _view(_load(weights, name), weight, transposed)
@@ -631,10 +694,13 @@ def _write_weight(f, source, weight, weights, block):
         else:
             values = np.ascontiguousarray(matrix[start:stop], np.float32)
             _verify(source, weight, start, values)
+        if block is None:
+            f.write(quantize_int4_channelwise(values, weight.channel_scales[start:stop]).tobytes())
+            continue
         packed, chunk_scales = quantize_int4_blockwise(values, block)
         f.write(packed.tobytes())
         scales.append(chunk_scales)
-    return np.concatenate(scales)
+    return np.concatenate(scales) if scales else None
 
 
 def _verify(source, weight, start, values):
@@ -668,3 +734,29 @@ def quantize_int4_blockwise(values, block):
     q = uqt.uniform_quantize(values, params, is_blockwise_quant=True)
     packed = transformation_utils.pack_data(4, np.ravel(q).view(np.uint8))
     return packed, scale.astype(ml_dtypes.bfloat16).astype(np.float16)
+
+
+def channel_scales(row_bounds):
+    """ai-edge-quantizer's symmetric int4 scale of each row, from each row's max |value|."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+
+    bounds = np.asarray(row_bounds, np.float32)[:, None]
+    _, scale = uqt.tensor_zp_scale_from_min_max(-bounds, bounds, 4, True,
+                                                qtyping.QuantGranularity.CHANNELWISE)
+    return np.asarray(scale, np.float32).reshape(-1)
+
+
+def quantize_int4_channelwise(values, scales):
+    """ai-edge-quantizer's dynamic int4 per-channel quantization of float32 rows [n, cols] with
+    one scale per row (`channel_scales`): returns the packed int4 bytes, as it stores them."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+    from ai_edge_quantizer.transformations import transformation_utils
+
+    scale = np.asarray(scales, np.float32)[:, None]
+    params = qtyping.UniformQuantParams(num_bits=4, quantized_dimension=0, scale=scale,
+                                        zero_point=np.zeros_like(scale, np.int32),
+                                        symmetric=True)
+    q = uqt.uniform_quantize(values, params)
+    return transformation_utils.pack_data(4, np.ravel(q).view(np.uint8))

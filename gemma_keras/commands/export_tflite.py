@@ -37,7 +37,9 @@ def register(subparsers):
     p.add_argument("--out", required=True, metavar="FILE.tflite", help="the file to write")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="none (float32); fp16 and dynamic_int8 (TensorFlow's converter); "
-                        "weight_only_int8, int4_block32, int4_block128 (ai-edge-quantizer). "
+                        "weight_only_int8 (ai-edge-quantizer); int4_block32, int4_block128, "
+                        "int4_channel (int4 with one scale per 32 or 128 weights, or per "
+                        "row: the fastest on CPU). "
                         "Default: none")
     p.add_argument("--kv-cache-max-len", type=int, default=None, metavar="N",
                    help="cache slots: the most tokens (prompt + generated) per conversation "
