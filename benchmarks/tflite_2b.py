@@ -949,7 +949,7 @@ def main():
                         help="the 2B's width with this many layers (0: all 26)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="dynamic_int8")
-    parser.add_argument("--modes", default="dynamic_int8,int4_block32",
+    parser.add_argument("--modes", default="dynamic_int8,int4_block32,int4_channel",
                         help="quantizations exported by `all` / compared by `quant-error`")
     parser.add_argument("--cache-len", type=int, default=1280)
     parser.add_argument("--prefill-lens", default="8,64,256")
