@@ -56,6 +56,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -473,6 +474,18 @@ def _channel_quantization(weight):
     """The per-channel quantization parameters of `weight`: one object for all its tensors
     (one per signature), written once into the file (the scales and zero points of the 2B's
     tensors would otherwise take 46 MB, 12 MB per signature)."""
+    if weight.quantization is None:
+        q = weight.quantization = _shared_quantization_class()()
+        q.quantizedDimension = 0
+        q.scale = weight.channel_scales
+        q.zeroPoint = np.zeros(weight.rows, np.int64)
+    return weight.quantization
+
+
+@functools.cache
+def _shared_quantization_class():
+    """QuantizationParametersT packed once per flatbuffer builder, so that every tensor
+    holding the object points at the same table."""
     from ai_edge_litert import schema_py_generated as schema
 
     class SharedQuantization(schema.QuantizationParametersT):
@@ -481,12 +494,7 @@ def _channel_quantization(weight):
                 self._builder, self._offset = builder, super().Pack(builder)
             return self._offset
 
-    if weight.quantization is None:
-        q = weight.quantization = SharedQuantization()
-        q.quantizedDimension = 0
-        q.scale = weight.channel_scales
-        q.zeroPoint = np.zeros(weight.rows, np.int64)
-    return weight.quantization
+    return SharedQuantization
 
 
 def _rewrite_op(model, subgraph, op, found, wanted):
