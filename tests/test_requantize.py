@@ -83,10 +83,24 @@ def _fields(obj, drop=()):
 def test_same_encoding_as_ai_edge_quantizer(exported, requantized, quantize):
     """Op by op, every int4 weight (and its scales tensor) equals ai-edge-quantizer's in
     bytes, type, shape and quantization parameters; op codes, versions and options match."""
+    assert_same_weights_as(requantized[quantize], exported[quantize], quantize)
+
+
+@pytest.mark.parametrize("quantize", MODES)
+def test_a_float32_export_needs_no_weights(exported, quantize, tmp_path):
+    """A float32 export holds its own weights: requantized with no `weights` at all, it
+    equals ai-edge-quantizer's file from that same export."""
+    from gemma_keras.tflite.requantize import requantize_tflite
+
+    out = requantize_tflite(exported["none"], {}, quantize, tmp_path / "from_float.tflite")
+    assert_same_weights_as(out, exported[quantize], quantize)
+
+
+def assert_same_weights_as(ours_path, ref_path, quantize):
     from ai_edge_litert import schema_py_generated as schema
 
-    ours_data, ours = _load(requantized[quantize])
-    ref_data, ref = _load(exported[quantize])
+    ours_data, ours = _load(ours_path)
+    ref_data, ref = _load(ref_path)
     assert _op_codes(ours) == _op_codes(ref)
     compared = 0
     for ours_sg, ref_sg in zip(ours.subgraphs, ref.subgraphs, strict=True):
@@ -257,4 +271,5 @@ def test_per_channel_scales_are_stored_once(exported, requantized):
     assert len(tables) > 1 and uses > len(tables), "expected weights read by several signatures"
     assert all(len(positions) == 1 for positions in tables.values())
     assert len(data) < exported["int4_channel"].stat().st_size
+
 
