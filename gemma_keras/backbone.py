@@ -135,6 +135,12 @@ class Gemma2Backbone(keras.Model):
         return ((batch_size, c.num_key_value_heads, max_length, c.head_dim),
                 (batch_size, c.num_key_value_heads, c.head_dim, max_length))
 
+    @staticmethod
+    def cache_slots(cache):
+        """The number of slots of a cache made by `init_cache` (the axis `cache_shapes` puts
+        them on)."""
+        return ops.shape(cache[0][0])[2]
+
     def init_cache(self, batch_size, max_length, dtype=None):
         """An empty KV cache: per layer `(k, v)`, shaped as `cache_shapes` says."""
         k_shape, v_shape = self.cache_shapes(batch_size, max_length)
@@ -149,7 +155,7 @@ class Gemma2Backbone(keras.Model):
         """
         check_token_ids(token_ids, self.config.vocab_size)
         batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        slots = ops.shape(cache[0][0])[2]
+        slots = self.cache_slots(cache)
         if start is None:
             start = ops.zeros((batch,), "int32")
         start = ops.cast(start, "int32")[:, None]

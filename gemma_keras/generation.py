@@ -127,7 +127,7 @@ class Generator:
         return np.asarray(ops.convert_to_numpy(logits)), cache
 
     def _step(self, token_ids, cache, cache_index, start):
-        slots = cache[0][0].shape[2]
+        slots = int(self.model.backbone.cache_slots(cache))
         if not 0 <= cache_index <= slots - token_ids.shape[1]:
             raise ValueError(f"{token_ids.shape[1]} token(s) at slot {cache_index} do not fit "
                              f"a cache of {slots} slots")

@@ -371,8 +371,9 @@ def _match_sources(source, found, weights, per_channel=False):
                 if error <= _TOLERANCE:
                     matches[w.buffer].append((name, transposed))
                     if per_channel:
+                        view = _view(array, w, transposed)
                         row_bounds[w.buffer, name, transposed] = _row_abs_max(
-                            _view(array, w, transposed))
+                            lambda a, b: view[a:b], w.rows, w.cols)
                 elif error < closest.get(w.buffer, (np.inf,))[0]:
                     closest[w.buffer] = (error, name, transposed)
         del array
@@ -388,26 +389,23 @@ def _match_sources(source, found, weights, per_channel=False):
             w.channel_scales = channel_scales(row_bounds[(w.buffer, *w.source)])
     for w in found.values():
         if per_channel and not w.int8:
-            w.channel_scales = channel_scales(_stored_float_row_bounds(source, w))
+            w.channel_scales = channel_scales(_row_abs_max(
+                lambda a, b: _stored_floats(source, w, a, b), w.rows, w.cols))
 
 
-def _row_abs_max(matrix):
-    """max |value| of each row, in row chunks (no full-size temporary)."""
-    rows_per_chunk = max(1, _CHUNK_BYTES // (4 * matrix.shape[1]))
-    return np.concatenate([np.abs(matrix[i:i + rows_per_chunk]).max(axis=1)
-                           for i in range(0, matrix.shape[0], rows_per_chunk)])
+def _row_abs_max(rows, count, cols):
+    """max |value| of each of `count` rows, read `rows(start, stop)` a chunk at a time (no
+    full-size temporary)."""
+    step = max(1, _CHUNK_BYTES // (4 * cols))
+    return np.concatenate([np.abs(rows(i, min(i + step, count))).max(axis=1)
+                           for i in range(0, count, step)])
 
 
-def _stored_float_row_bounds(source, weight):
-    """max |value| of each row of a float32 weight stored in the file, read in chunks."""
-    rows_per_chunk = max(1, _CHUNK_BYTES // (4 * weight.cols))
-    bounds = []
-    for start in range(0, weight.rows, rows_per_chunk):
-        count = min(rows_per_chunk, weight.rows - start)
-        values = source.read(weight.position + 4 * start * weight.cols, count * weight.cols,
-                             np.float32)
-        bounds.append(np.abs(values.reshape(count, weight.cols)).max(axis=1))
-    return np.concatenate(bounds)
+def _stored_floats(source, weight, start, stop):
+    """Rows start..stop of a float32 weight stored in the file."""
+    values = source.read(weight.position + 4 * start * weight.cols, (stop - start) * weight.cols,
+                         np.float32)
+    return values.reshape(stop - start, weight.cols)
 
 
 def _describe(matches):
@@ -696,9 +694,7 @@ def _write_weight(f, source, weight, weights, block):
     for start in range(0, weight.rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, weight.rows)
         if matrix is None:
-            values = source.read(weight.position + 4 * start * weight.cols,
-                                 (stop - start) * weight.cols, np.float32)
-            values = values.reshape(stop - start, weight.cols)
+            values = _stored_floats(source, weight, start, stop)
         else:
             values = np.ascontiguousarray(matrix[start:stop], np.float32)
             _verify(source, weight, start, values)
