@@ -37,6 +37,7 @@ from pathlib import Path
 
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
+from gemma_keras import defaults
 from gemma_keras.tflite.native_log import stderr_captured
 from gemma_keras.tflite.signatures import (
     DECODE,
@@ -45,9 +46,6 @@ from gemma_keras.tflite.signatures import (
     cache_names,
     prefill_name,
 )
-
-DEFAULT_PREFILL_LENS = (8, 64, 256)
-DEFAULT_KV_CACHE_MAX_LEN = 1024
 
 
 def _require_tensorflow_backend():
@@ -78,8 +76,8 @@ def _load_model(model):
 
 
 def _check_lengths(config, kv_cache_max_len, prefill_lens):
-    if kv_cache_max_len is None:
-        kv_cache_max_len = min(DEFAULT_KV_CACHE_MAX_LEN, config.max_position_embeddings)
+    kv_cache_max_len = defaults.kv_cache_max_len(kv_cache_max_len,
+                                                 config.max_position_embeddings)[0]
     if int(kv_cache_max_len) < 2:
         raise ValueError(f"kv_cache_max_len must be at least 2, got {kv_cache_max_len}")
     if kv_cache_max_len > config.max_position_embeddings:
@@ -87,7 +85,7 @@ def _check_lengths(config, kv_cache_max_len, prefill_lens):
             f"kv_cache_max_len={kv_cache_max_len} exceeds the model's max_position_embeddings "
             f"({config.max_position_embeddings})"
         )
-    lens = sorted({int(t) for t in prefill_lens})
+    lens = sorted({int(t) for t in defaults.prefill_lens(prefill_lens, kv_cache_max_len)[0]})
     if not lens or lens[0] < 1:
         raise ValueError(f"prefill_lens must be positive integers, got {list(prefill_lens)}")
     if lens[-1] > kv_cache_max_len:
@@ -300,7 +298,7 @@ def _convert(saved_model_dir, signature_keys, quantize):
 
 
 def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
-                  prefill_lens=DEFAULT_PREFILL_LENS, progress=True):
+                  prefill_lens=None, progress=True):
     """Export `model` (a `Gemma2CausalLM` or a model directory) to the `.tflite` file `out`.
 
     Args:
@@ -311,7 +309,8 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
         float32 originals, `requantize.py`; memory-bounded, so the full 2B fits).
       kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S. Default:
         1024, or the model's max_position_embeddings if smaller.
-      prefill_lens: one `prefill_<T>` signature per length T.
+      prefill_lens: one `prefill_<T>` signature per length T. Default: 8, 64 and 256, those
+        that fit the cache.
     Returns the output path. The file is written under a temporary name and renamed when
     complete.
 
@@ -324,7 +323,7 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
 
 
 def export_tflite_variants(model, outputs, kv_cache_max_len=None,
-                           prefill_lens=DEFAULT_PREFILL_LENS, progress=True):
+                           prefill_lens=None, progress=True):
     """Export several quantizations of one model, tracing it once.
 
     `outputs` maps a quantization mode to its output path, e.g.

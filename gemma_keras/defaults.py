@@ -1,0 +1,68 @@
+"""Defaults that depend on the model, derived in one place for every command and runtime.
+
+A default is a convenience, never a reason to fail: where a fixed default (64 new tokens, a
+1024-slot cache, prefill signatures of 8, 64 and 256 tokens) does not fit a model or a cache,
+it is clamped to what fits, and the export helpers say so in a note. A value the user gave is
+returned unchanged; the code that uses it checks it and names what is wrong.
+
+Pure Python: the TFLite runtime imports it without TensorFlow or Keras.
+"""
+
+from __future__ import annotations
+
+DEFAULT_MAX_NEW_TOKENS = 64            # generate, the SavedModel's request default
+DEFAULT_CHAT_MAX_NEW_TOKENS = 256      # one chat reply
+DEFAULT_KV_CACHE_MAX_LEN = 1024        # TFLite export
+DEFAULT_PREFILL_LENS = (8, 64, 256)    # TFLite export
+
+
+def max_new_tokens(requested, prompt_tokens, capacity, default=DEFAULT_MAX_NEW_TOKENS) -> int:
+    """`requested`, or when it is None `default` clamped to the room a prompt of
+    `prompt_tokens` leaves in `capacity` positions (at least 1, so that a prompt that fills
+    the cache still gets the runtime's own error naming its length)."""
+    if requested is not None:
+        return requested
+    return max(1, min(default, capacity - prompt_tokens))
+
+
+def chat_reply_tokens(requested, limit) -> int:
+    """The token budget of one chat reply: `requested`, or 256 clamped to half the context
+    `limit` (older turns are dropped to make room for it)."""
+    if requested is not None:
+        return requested
+    return max(1, min(DEFAULT_CHAT_MAX_NEW_TOKENS, limit // 2))
+
+
+def kv_cache_max_len(requested, max_position_embeddings) -> tuple[int, str | None]:
+    """A TFLite export's cache slots and a note when the default was clamped."""
+    if requested is not None:
+        return int(requested), None
+    if max_position_embeddings < DEFAULT_KV_CACHE_MAX_LEN:
+        return max_position_embeddings, (
+            f"kv_cache_max_len defaults to the model's context, {max_position_embeddings} "
+            f"(smaller than {DEFAULT_KV_CACHE_MAX_LEN})")
+    return DEFAULT_KV_CACHE_MAX_LEN, None
+
+
+def prefill_lens(requested, cache_len) -> tuple[tuple[int, ...], str | None]:
+    """A TFLite export's prefill signature lengths and a note when the default was clamped:
+    the default lengths that fit the cache, or the cache length when none does."""
+    if requested is not None:
+        return tuple(requested), None
+    fitting = tuple(t for t in DEFAULT_PREFILL_LENS if t <= cache_len) or (cache_len,)
+    if fitting == DEFAULT_PREFILL_LENS:
+        return fitting, None
+    return fitting, (f"prefill lengths default to {','.join(map(str, fitting))}: the cache "
+                     f"has {cache_len} slots")
+
+
+def serving_max_new_tokens(requested, max_length) -> tuple[int, str | None]:
+    """The SavedModel's default `max_new_tokens` (of a request that gives none) and a note
+    when it was clamped to leave one position for the prompt in `max_length`."""
+    if requested is not None:
+        return int(requested), None
+    if DEFAULT_MAX_NEW_TOKENS < max_length:
+        return DEFAULT_MAX_NEW_TOKENS, None
+    value = max(1, max_length - 1)
+    return value, (f"max_new_tokens defaults to {value}: requests may hold {max_length} "
+                   f"tokens in all")
