@@ -11,6 +11,7 @@ export. See `gemma_keras.serving.module` for the signatures and docs/serving.md 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -45,7 +46,8 @@ def next_version(base_dir) -> int:
 
 def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_length=None,
                        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                       max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+                       max_shard_size=DEFAULT_MAX_SHARD_SIZE, batching=False,
+                       in_graph_batching=None, xla=False) -> Path:
     """Write `model` as the SavedModel `base_dir/version/` and return that path.
 
     Args:
@@ -58,6 +60,12 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
         default: the config's `max_position_embeddings`.
       max_new_tokens: the default of the request's `max_new_tokens` input.
       max_shard_size: the largest variables shard, in bytes (bigger tensors are split).
+      batching: make every `serving_default` input [batch] and required (no scalars, no
+        defaults), so that TensorFlow Serving's `--enable_batching` can merge requests.
+      in_graph_batching: a `gemma_keras.serving.batching.InGraphBatching`: concurrent
+        requests are merged inside the graph by a `BatchFunction` op, in any server.
+      xla: XLA-compile the prefill and decode step (TensorFlow Serving then needs
+        `--xla_cpu_compilation_enabled=true`; without it every request fails).
 
     Example:
     >>> export_saved_model(model, "/models/gemma", version=1, tokenizer_path="tokenizer.model")
@@ -65,6 +73,7 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
     """
     import tensorflow as tf
 
+    from gemma_keras.serving.batching import InGraphBatching
     from gemma_keras.serving.core_ops import core_tf_slice_update, require_tensorflow_backend
     from gemma_keras.serving.module import GemmaServingModule
 
@@ -91,6 +100,10 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
         raise ValueError(f"max_shard_size must be a positive number of bytes, "
                          f"got {max_shard_size}")
 
+    if in_graph_batching is not None and not isinstance(in_graph_batching, InGraphBatching):
+        raise TypeError("in_graph_batching must be an InGraphBatching or None, got "
+                        f"{type(in_graph_batching).__name__}")
+
     tokenizer_path = _tokenizer_path(model, tokenizer_path)
     options = tf.saved_model.SaveOptions(
         experimental_sharding_callback=tf.train.experimental.MaxShardSizePolicy(
@@ -100,8 +113,11 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
     try:
         with tempfile.TemporaryDirectory() as staging:  # the asset keeps its file name
             staged = shutil.copyfile(tokenizer_path, Path(staging) / "tokenizer.model")
-            module = GemmaServingModule(model, staged, max_length, int(max_new_tokens))
-            with core_tf_slice_update():
+            module = GemmaServingModule(model, staged, max_length, int(max_new_tokens),
+                                        batching=bool(batching),
+                                        in_graph_batching=in_graph_batching, xla=bool(xla))
+            # Under XLA the cache update stays XLA's own dynamic update slice.
+            with contextlib.nullcontext() if xla else core_tf_slice_update():
                 tf.saved_model.save(module, str(tmp), signatures=module.signatures(),
                                     options=options)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model server may be another user

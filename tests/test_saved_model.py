@@ -377,7 +377,7 @@ def test_predict_request_score(served, expected, tiny_lm):
     ("", {"prompts": ["hello", ""]}, "prompts must not be empty strings; prompt(s) [1]"),
     ("", {"prompts": np.array([1, 2], "int32")}, "string"),
     ("", {"prompts": ["hello"], "max_new_tokens": MAX_LENGTH},
-     f"exceeds the {MAX_LENGTH} tokens (max_length)"),
+     f"tokens with max_new_tokens [{MAX_LENGTH}] exceed the {MAX_LENGTH} tokens (max_length)"),
     ("", {"prompts": ["hello"], "max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ("", {"prompts": ["a", "b", "c"], "top_k": [1, 2]},
      "top_k must be a scalar or hold one value per prompt; got 2 values for 3 prompts"),

@@ -1,19 +1,34 @@
 """The `tf.Module` that a Gemma 2 SavedModel serves: text in, text out, plus scoring.
 
-Signatures (all TensorFlow + tensorflow-text ops, no XLA):
+Signatures:
   serving_default(prompts, max_new_tokens?, temperature?, top_k?, top_p?, seed?)
       -> {"completions": string [batch], "token_ids": int32 [batch, steps]}
   score(token_ids) -> {"log_probs": float32 [batch, length]}
+
+Export options (see `gemma_keras.saved_model.export_saved_model`):
+  batching: every `serving_default` input is [batch] and required (no scalar, no default),
+    as TensorFlow Serving's `--enable_batching` needs.
+  in_graph_batching: the generation runs inside a `BatchFunction` op (`serving.batching`).
+  xla: the prefill and decode step are XLA-compiled functions (`jit_compile=True`);
+    otherwise every op is core TensorFlow or tensorflow-text.
+
+A request is checked (INVALID_ARGUMENT) on its own rows before anything is batched, and
+every limit is per prompt, so a request answers the same alone or merged with others.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from gemma_keras.generation import MIN_CACHE, PREFILL_CHUNK
+from gemma_keras.serving.batching import batch_function
 from gemma_keras.serving.sampling import next_token
 from gemma_keras.tokenizer import END_OF_TURN_ID, EOS_ID, PAD_ID, GemmaTokenizer
 
 STOP_IDS = (EOS_ID, END_OF_TURN_ID)
+GENERATE_INPUTS = (("prompts", tf.string), ("max_new_tokens", tf.int32),
+                   ("temperature", tf.float32), ("top_k", tf.int32), ("top_p", tf.float32),
+                   ("seed", tf.int64))
 
 
 def _check(condition, template, *values):
@@ -35,16 +50,25 @@ def _per_row(value, batch, name, dtype):
         return tf.broadcast_to(value, [batch])
 
 
-def _left_pad(ragged_ids):
-    """Ragged ids [batch, None] -> (left-padded ids [batch, T], start [batch]) with pad 0."""
+def _left_pad(ragged_ids, multiple=1):
+    """Ragged ids [batch, None] -> (left-padded ids [batch, T], start [batch]) with pad 0;
+    T is the longest row rounded up to `multiple`."""
     lengths = tf.cast(ragged_ids.row_lengths(), tf.int32)
-    width = tf.reduce_max(lengths)
-    right = ragged_ids.to_tensor(default_value=PAD_ID)  # [batch, width]
+    width = (tf.reduce_max(lengths) + multiple - 1) // multiple * multiple
+    right = ragged_ids.to_tensor(default_value=PAD_ID)  # [batch, longest row]
     start = width - lengths
     source = tf.range(width)[None, :] - start[:, None]
     padded = tf.where(source >= 0, tf.gather(right, tf.maximum(source, 0), batch_dims=1),
                       PAD_ID)
     return padded, start
+
+
+def cache_slots(n):
+    """In-graph `gemma_keras.generation.cache_slots`: the next power of two (at least
+    MIN_CACHE) up to 4096, then the next multiple of 1024, of an int32 scalar `n`."""
+    powers = tf.bitwise.left_shift(1, tf.range(31))
+    power = tf.reduce_min(tf.where(powers >= n, powers, powers[-1]))
+    return tf.where(n > 4096, (n + 1023) // 1024 * 1024, tf.maximum(MIN_CACHE, power))
 
 
 class GemmaServingModule(tf.Module):
@@ -57,11 +81,15 @@ class GemmaServingModule(tf.Module):
       model: a `Gemma2CausalLM`.
       tokenizer_path: the SentencePiece model, named `tokenizer.model` (it is copied into
         `assets/` under its own name).
-      max_length: the longest prompt + completion, in tokens, a request may ask for.
-      max_new_tokens: the default of the `max_new_tokens` input.
+      max_length: the most tokens (prompt + completion) one prompt may ask for.
+      max_new_tokens: the default of the `max_new_tokens` input (unused with `batching`).
+      batching: every `serving_default` input is [batch] and has no default.
+      in_graph_batching: a `serving.batching.InGraphBatching`, or None.
+      xla: compile the prefill and decode step with XLA.
     """
 
-    def __init__(self, model, tokenizer_path, max_length, max_new_tokens):
+    def __init__(self, model, tokenizer_path, max_length, max_new_tokens, batching=False,
+                 in_graph_batching=None, xla=False):
         super().__init__(name="gemma2_serving")
         # Kept out of tf.Module's tracking: the Keras object graph is not saved, its
         # variables are (below), and the traced functions capture them.
@@ -76,26 +104,28 @@ class GemmaServingModule(tf.Module):
         self.tokenizer_asset = tf.saved_model.Asset(str(tokenizer_path))
         self.max_length = int(max_length)
         self.vocab_size = int(model.config.vocab_size)
+        object.__setattr__(self, "_in_graph_batching", in_graph_batching)
+        object.__setattr__(self, "_xla_step", tf.function(
+            self._step, jit_compile=True, autograph=False) if xla else None)
 
-        def generate(prompts,
-                     max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
-                     temperature=tf.constant(0.0, tf.float32),
-                     top_k=tf.constant(0, tf.int32),
-                     top_p=tf.constant(1.0, tf.float32),
-                     seed=tf.constant(0, tf.int64)):
-            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+        if batching:
+            def generate(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+                return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+        else:
+            def generate(prompts,
+                         max_new_tokens=tf.constant(int(max_new_tokens), tf.int32),
+                         temperature=tf.constant(0.0, tf.float32),
+                         top_k=tf.constant(0, tf.int32),
+                         top_p=tf.constant(1.0, tf.float32),
+                         seed=tf.constant(0, tf.int64)):
+                return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
 
         def score(token_ids):
             return self._score(token_ids)
 
-        generate_inputs = [
-            tf.TensorSpec([None], tf.string, name="prompts"),
-            tf.TensorSpec(None, tf.int32, name="max_new_tokens"),  # scalar or [batch]
-            tf.TensorSpec(None, tf.float32, name="temperature"),
-            tf.TensorSpec(None, tf.int32, name="top_k"),
-            tf.TensorSpec(None, tf.float32, name="top_p"),
-            tf.TensorSpec(None, tf.int64, name="seed"),
-        ]
+        # [batch] each; without `batching`, the settings may also be scalars.
+        generate_inputs = [tf.TensorSpec([None] if batching or name == "prompts" else None,
+                                         dtype, name=name) for name, dtype in GENERATE_INPUTS]
         score_inputs = [tf.TensorSpec([None, None], tf.int32, name="token_ids")]
         self.generate = tf.function(generate, input_signature=generate_inputs,
                                     jit_compile=False, autograph=False)
@@ -105,25 +135,31 @@ class GemmaServingModule(tf.Module):
     def signatures(self):
         """`{"serving_default": ..., "score": ...}` for `tf.saved_model.save`.
 
-        Save within `core_tf_slice_update()` so the functions trace to core TensorFlow ops.
-        The `tf.function`s (not concrete functions) are given so that the SavedModel records
-        the optional inputs' defaults in the SignatureDef.
+        Without `xla`, save within `core_tf_slice_update()` so the functions trace to core
+        TensorFlow ops. The `tf.function`s (not concrete functions) are given so that the
+        SavedModel records the optional inputs' defaults in the SignatureDef.
         """
         return {"serving_default": self.generate, "score": self.score}
 
     # ------------------------------------------------------------------ text in/out
-    def _encode(self, prompts):
-        return _left_pad(self._tokenizer.tf_encode(prompts))  # <bos> first
-
     def _decode(self, token_ids):
         """Text of generated ids, without special tokens (nor ids the tokenizer lacks, for a
         model whose embedding is padded beyond the tokenizer's vocabulary)."""
         known = tf.ragged.boolean_mask(token_ids, token_ids < self._tokenizer.vocab_size)
         return self._tokenizer.tf_decode(known)
 
-    # -------------------------------------------------------------------- generate
+    # ---------------------------------------------------------------- the request
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        model, backbone = self._model, self._model.backbone
+        rows = self._request_rows(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+        if self._in_graph_batching is None:
+            completions, token_ids = self._complete(*rows)
+        else:
+            completions, token_ids = batch_function(self._in_graph_batching, self._complete,
+                                                    rows)
+        return {"completions": completions, "token_ids": token_ids}
+
+    def _request_rows(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        """Check one request and return its inputs as [batch] tensors (one per prompt)."""
         empty = tf.where(tf.strings.length(prompts) == 0)[:, 0]
         checks = [
             _check(tf.size(prompts) > 0, "prompts must hold at least one string; got none"),
@@ -138,25 +174,64 @@ class GemmaServingModule(tf.Module):
         top_k = _per_row(top_k, batch, "top_k", tf.int32)
         top_p = _per_row(top_p, batch, "top_p", tf.float32)
         seeds = _per_row(seed, batch, "seed", tf.int64)
-        prompt_ids, start = self._encode(prompts)
-        prompt_len = tf.shape(prompt_ids)[1]
-        steps = tf.reduce_max(max_new)
+        lengths = tf.cast(self._tokenizer.tf_encode(prompts).row_lengths(), tf.int32)
+        too_long = tf.where(lengths + max_new > self.max_length)[:, 0]
         checks = [
             _check(tf.reduce_all(max_new >= 1), "max_new_tokens must be >= 1; got {}", max_new),
-            _check(prompt_len + steps <= self.max_length,
-                   "the longest prompt has {} tokens; with max_new_tokens {} that exceeds the "
+            _check(tf.size(too_long) == 0,
+                   "prompt(s) {} of {} tokens with max_new_tokens {} exceed the "
                    f"{self.max_length} tokens (max_length) this model was exported for",
-                   prompt_len, steps),
+                   too_long, tf.gather(lengths, too_long), tf.gather(max_new, too_long)),
             _check(tf.reduce_all(temperature >= 0), "temperature must be >= 0; got {}",
                    temperature),
             _check(tf.reduce_all(top_k >= 0), "top_k must be >= 0 (0: off); got {}", top_k),
             _check(tf.reduce_all((top_p > 0) & (top_p <= 1)),
                    "top_p must be in (0, 1] (1: off); got {}", top_p),
         ]
+        if self._in_graph_batching is not None:
+            limit = self._in_graph_batching.max_batch_size
+            checks.append(_check(batch <= limit, "a request may hold at most "
+                                 f"{limit} prompts (max_batch_size); got {{}}", batch))
         with tf.control_dependencies(checks):
-            cache = backbone.init_cache(batch, prompt_len + steps)
-        hidden, cache = backbone.call_with_cache(prompt_ids, cache, 0, start)
-        logits = model.logits(hidden[:, -1, :])
+            return tuple(tf.identity(t) for t in (prompts, max_new, temperature, top_k, top_p,
+                                                  seeds))
+
+    # -------------------------------------------------------------------- generate
+    def _step(self, token_ids, cache, cache_index, start):
+        """Run `token_ids` [batch, T] into the cache; the logits [batch, vocab] of the last."""
+        hidden, cache = self._model.backbone.call_with_cache(token_ids, cache, cache_index,
+                                                             start)
+        return self._model.logits(hidden[:, -1, :]), cache
+
+    def _prefill(self, prompt_ids, start, steps):
+        """(logits of the last prompt token, cache) for left-padded `prompt_ids`."""
+        backbone = self._model.backbone
+        batch, width = tf.shape(prompt_ids)[0], tf.shape(prompt_ids)[1]
+        if self._xla_step is None:  # one run over the whole prompt, an exact-size cache
+            return self._step(prompt_ids, backbone.init_cache(batch, width + steps), 0, start)
+        # XLA compiles per shape: chunks of PREFILL_CHUNK tokens and a bucketed cache, as
+        # `Gemma2CausalLM.generate` does, so two compilations serve every prompt length.
+        cache = backbone.init_cache(batch, cache_slots(width + steps))
+        chunks = tf.reshape(prompt_ids, [batch, -1, PREFILL_CHUNK])
+        logits, cache = self._xla_step(chunks[:, 0], cache, tf.constant(0), start)
+
+        def prefill_chunk(i, logits, cache):
+            logits, cache = self._xla_step(chunks[:, i], cache, i * PREFILL_CHUNK, start)
+            return i + 1, logits, cache
+
+        _, logits, cache = tf.while_loop(lambda i, *_: i < tf.shape(chunks)[1], prefill_chunk,
+                                         (tf.constant(1), logits, cache))
+        return logits, cache
+
+    def _complete(self, prompts, max_new, temperature, top_k, top_p, seeds):
+        """(completions [batch], token_ids [batch, steps]) of checked per-prompt inputs."""
+        step_fn = self._xla_step or self._step
+        batch = tf.size(prompts)
+        multiple = 1 if self._xla_step is None else PREFILL_CHUNK
+        prompt_ids, start = _left_pad(self._tokenizer.tf_encode(prompts), multiple)  # <bos>
+        prompt_len = tf.shape(prompt_ids)[1]
+        steps = tf.reduce_max(max_new)
+        logits, cache = self._prefill(prompt_ids, start, steps)
         stop_ids = tf.constant(STOP_IDS, tf.int32)
 
         def keep_going(step, logits, cache, done, tokens):
@@ -168,14 +243,10 @@ class GemmaServingModule(tf.Module):
             tokens = tokens.write(step, token)
             done = (done | tf.reduce_any(token[:, None] == stop_ids, axis=-1)
                     | (step + 1 >= max_new))
-
-            def advance():
-                h, new_cache = backbone.call_with_cache(
-                    token[:, None], cache, prompt_len + step, start)
-                return model.logits(h[:, 0, :]), new_cache
-
             more = tf.logical_and(step + 1 < steps, tf.logical_not(tf.reduce_all(done)))
-            logits, cache = tf.cond(more, advance, lambda: (logits, cache))
+            logits, cache = tf.cond(
+                more, lambda: step_fn(token[:, None], cache, prompt_len + step, start),
+                lambda: (logits, cache))
             return step + 1, logits, cache, done, tokens
 
         _, _, _, _, tokens = tf.while_loop(
@@ -184,7 +255,7 @@ class GemmaServingModule(tf.Module):
              tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])),
         )
         token_ids = tf.transpose(tokens.stack())  # [batch, steps run]; the loop runs >= 1
-        return {"completions": self._decode(token_ids), "token_ids": token_ids}
+        return self._decode(token_ids), token_ids
 
     # ----------------------------------------------------------------------- score
     def _score(self, token_ids):
