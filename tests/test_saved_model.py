@@ -263,61 +263,6 @@ def test_saved_model_cli_lists_signatures(fresh):
 
 
 # ------------------------------------------------------- PredictRequest, in-process
-class ServedModel:
-    """A SavedModel loaded as TensorFlow Serving loads it (TF1 loader: graph, variables
-    restored, init op run, in one Session), answering `PredictRequest`s the way the
-    server's Predict handler does (tensorflow_serving predict_util + TF's
-    saved_model/util.cc `GetInputValues`): inputs missing from the request take the
-    SignatureDef's defaults, unknown input names are refused, tensors are fed as given
-    (no dtype coercion, like the C++ `Session::Run`), and every output is returned."""
-
-    def __init__(self, export_dir):
-        import tensorflow as tf
-        import tensorflow_text  # noqa: F401  (the model server links the TF Text ops)
-
-        self.graph = tf.Graph()
-        self.session = tf.compat.v1.Session(graph=self.graph)
-        self._callables = {}  # one per signature, as the server keeps its session warm
-        with self.graph.as_default():
-            self.meta_graph = tf.compat.v1.saved_model.loader.load(
-                self.session, ["serve"], str(export_dir))
-
-    def predict(self, request):
-        import tensorflow as tf
-        from tensorflow.core.protobuf import config_pb2
-        from tensorflow_serving.apis import predict_pb2
-
-        name = request.model_spec.signature_name or "serving_default"
-        signature = self.meta_graph.signature_def[name]
-        unknown = set(request.inputs) - set(signature.inputs)
-        if unknown:
-            raise tf.errors.InvalidArgumentError(
-                None, None, f"Inputs contains invalid name: {sorted(unknown)}")
-        feeds, values = [], []
-        for alias, info in signature.inputs.items():
-            if alias in request.inputs:
-                proto = request.inputs[alias]
-            elif alias in signature.defaults:
-                proto = signature.defaults[alias]
-            else:
-                raise tf.errors.InvalidArgumentError(
-                    None, None, f"input {alias} not found in request and no default value")
-            feeds.append(info.name)
-            values.append(tf.make_ndarray(proto))
-        aliases = sorted(signature.outputs)
-        if name not in self._callables:  # typed feeds, no coercion, as in C++ Session::Run
-            self._callables[name] = self.session._make_callable_from_options(
-                config_pb2.CallableOptions(
-                    feed=feeds, fetch=[signature.outputs[a].name for a in aliases]))
-        run = self._callables[name]
-        response = predict_pb2.PredictResponse()
-        response.model_spec.CopyFrom(request.model_spec)
-        response.model_spec.signature_name = name
-        for alias, value in zip(aliases, run(*values)):
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
-        return response
-
-
 def build_request(signature, signature_name="", **inputs):
     """A PredictRequest for model "gemma". Inputs given as Python values are typed by the
     SignatureDef; NumPy arrays are sent with their own dtype (as a careless client might)."""
@@ -336,9 +281,13 @@ def build_request(signature, signature_name="", **inputs):
 
 @pytest.fixture(scope="module")
 def served(export_dir):
-    served = ServedModel(export_dir)
+    """The export loaded as TensorFlow Serving loads it (`ServingSession`: TF1 loader and a
+    session; a PredictRequest's missing inputs take the SignatureDef's defaults)."""
+    from gemma_keras.serving.session import ServingSession
+
+    served = ServingSession(export_dir)
     yield served
-    served.session.close()
+    served.close()
 
 
 def test_predict_request_returns_keras_greedy_completions(served, expected):
