@@ -169,7 +169,15 @@ class Gemma2Backbone(keras.Model):
         )
 
     def get_config(self):
-        return {**super().get_config(), "config": self.config.to_dict()}
+        """The config, and the quantized layers' policies by path (as keras-hub saves them) so
+        that loading builds those layers quantized."""
+        from gemma_keras.quantization import policy_map
+
+        config = {**super().get_config(), "config": self.config.to_dict()}
+        quantized = policy_map(self)
+        if quantized is not None:
+            config["dtype"] = keras.dtype_policies.serialize(quantized)
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -117,10 +117,14 @@ def enable_lora(model, rank, alpha=None, targets=None):
 
 def merge_lora(model):
     """Fold every adapter into its kernel (`W + alpha / rank * B @ A`, in float32), remove the
-    adapters and make all weights trainable again. Returns `model`."""
+    adapters and make all weights trainable again. A quantized model (`model.quantize`)
+    becomes a float one: every weight is dequantized first. Returns `model`."""
+    from gemma_keras.quantization import dequantize
+
     layers = enabled_lora_layers(model)
     if not layers:
         raise ValueError("merge_lora: the model has no LoRA adapters")
+    dequantize(model)
     for _, layer in layers:
         layer.merge_lora()
     for variable in model.variables:
