@@ -13,13 +13,18 @@ import pkgutil
 import sys
 
 import gemma_keras.commands as commands
+from gemma_keras import console_logs
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemma-keras",
         description="Gemma 2 in Keras: convert, generate, chat, fine-tune, export.",
+        epilog=f"TensorFlow, XLA and LiteRT log lines are hidden; --verbose (or "
+               f"{console_logs.VERBOSE_ENV}=1) shows them.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the native libraries' log lines on stderr")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"gemma_keras.commands.{info.name}")
@@ -27,12 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, quiet=False) -> int:
+    """Parse `argv` and run the subcommand; `quiet` hides native log lines (unless
+    `--verbose` or GEMMA_KERAS_VERBOSE=1)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if quiet and not args.verbose and not console_logs.verbose_requested():
+        console_logs.quiet_native_logs()
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -43,28 +52,9 @@ def main(argv=None) -> int:
         return 1
 
 
-def _quiet_litert_exit():
-    """LiteRT's process-wide environment logs "DestroyAccelerator" lines on stderr when the
-    interpreter shuts down, after the command's output: drop stderr at exit if LiteRT was
-    used. Only for the console command; `main` leaves the process alone."""
-    if "ai_edge_litert" in sys.modules:
-        import atexit
-        import os
-
-        def drop_stderr():
-            sys.stderr.flush()
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-
-        atexit.register(drop_stderr)
-
-
 def run():
-    """The `gemma-keras` console command: `main` on sys.argv, then exit with its status."""
-    status = main()
-    _quiet_litert_exit()
-    sys.exit(status)
+    """The `gemma-keras` console command: `main` on sys.argv, quiet, then exit with its status."""
+    sys.exit(main(quiet=True))
 
 
 if __name__ == "__main__":

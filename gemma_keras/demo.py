@@ -42,8 +42,10 @@ class _Report:
             self.echo(f"  {prompt!r:36} -> {answer!r}")
 
 
-def run_demo(workdir=None, lora_rank=8, lora_steps=160, exports=True, echo=print) -> dict:
-    """Run the demo, printing as it goes; return the numbers it showed."""
+def run_demo(workdir=None, lora_rank=8, lora_steps=256, exports=True, echo=print,
+             seed=0) -> dict:
+    """Run the demo, printing as it goes; return the numbers it showed. `seed` sets the
+    initial LoRA weights and dropout (benchmarks/demo_robustness.py varies it)."""
     import keras
 
     from gemma_keras.causal_lm import Gemma2CausalLM
@@ -52,7 +54,7 @@ def run_demo(workdir=None, lora_rank=8, lora_steps=160, exports=True, echo=print
     from gemma_keras.lora import save_lora_weights
     from gemma_keras.training import adamw
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     report = _Report(echo)
     work = Path(workdir or tempfile.mkdtemp(prefix="gemma-keras-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -78,10 +80,15 @@ def run_demo(workdir=None, lora_rank=8, lora_steps=160, exports=True, echo=print
     trainable = sum(int(v.numpy().size) for v in model.trainable_variables)
     echo(f"  {trainable:,} trainable LoRA parameters of "
          f"{sum(int(v.numpy().size) for v in model.variables):,}")
-    # A from-scratch 64-wide model takes a larger step than the default for real checkpoints;
-    # without XLA the tiny train step is faster on CPU.
-    model.compile(optimizer=adamw(model, learning_rate=1e-2), jit_compile=False)
+    # A from-scratch 64-wide model takes a larger step than the default for real checkpoints:
+    # a short warm-up to 1e-2, then cosine decay, so that the last steps settle whatever the
+    # CPU's rounding did to the trajectory. Without XLA the tiny train step is faster on CPU.
     epochs = max(1, lora_steps // train.num_batches(32))
+    steps = epochs * train.num_batches(32)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        1e-3, decay_steps=steps - steps // 10, alpha=0.02, warmup_target=1e-2,
+        warmup_steps=steps // 10)
+    model.compile(optimizer=adamw(model, learning_rate=schedule), jit_compile=False)
     history = model.fit(train.tf_dataset(32), epochs=epochs, shuffle=False, verbose=0)
     echo(f"  {epochs} epochs, loss {history.history['loss'][0]:.3f} -> "
          f"{history.history['loss'][-1]:.3f}")

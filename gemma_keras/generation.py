@@ -29,6 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from gemma_keras import defaults
 from gemma_keras.samplers import get_sampler
 from gemma_keras.tokenizer import stream_text
 
@@ -244,7 +245,7 @@ def _fit_to_limit(ids, max_new_tokens, limit, truncate, bos_id):
 
 
 # ------------------------------------------------------------------ the loop
-def generate_ids(model, prompts, max_new_tokens=64, sampler="greedy", stop_token_ids=None,
+def generate_ids(model, prompts, max_new_tokens=None, sampler="greedy", stop_token_ids=None,
                  seed=None, max_length=None, truncate=False, temperature=None, top_k=None,
                  top_p=None):
     """Yield, for each decoding step, the new token of every row as `(ids [B], alive [B])`.
@@ -254,7 +255,6 @@ def generate_ids(model, prompts, max_new_tokens=64, sampler="greedy", stop_token
     True, and the row is dead from the next step on. See `generate` for the arguments.
     """
     config = model.config
-    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
     sampler = get_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p)
     limit = config.max_position_embeddings
     if max_length is not None:
@@ -263,6 +263,8 @@ def generate_ids(model, prompts, max_new_tokens=64, sampler="greedy", stop_token
             raise ValueError(f"max_length ({max_length}) exceeds the model's context "
                              f"({limit} positions)")
         limit = max_length
+    max_new_tokens = _check_positive_int("max_new_tokens", defaults.max_new_tokens(
+        max_new_tokens, max(len(p) for p in prompts), limit))
     prompts = _fit_to_limit(prompts, max_new_tokens, limit, truncate, config.bos_token_id)
     stop = np.array(sorted(_stop_ids(config, stop_token_ids)), np.int64)
     rng = np.random.default_rng(seed)
@@ -288,7 +290,7 @@ def generate_ids(model, prompts, max_new_tokens=64, sampler="greedy", stop_token
         logits, cache = generator.step(ids[:, None], cache, prompt_slots + t, start)
 
 
-def generate(model, prompts, max_new_tokens=64, sampler="greedy", stop_token_ids=None,
+def generate(model, prompts, max_new_tokens=None, sampler="greedy", stop_token_ids=None,
              seed=None, max_length=None, truncate=False, temperature=None, top_k=None,
              top_p=None):
     """Complete `prompts` with up to `max_new_tokens` tokens each.
@@ -296,7 +298,8 @@ def generate(model, prompts, max_new_tokens=64, sampler="greedy", stop_token_ids
     Args:
       prompts: a string or a list of strings (needs `model.tokenizer`; `<bos>` is added), or
         a token-id list or a list of token-id lists of any lengths.
-      max_new_tokens: the most tokens to add per prompt (> 0).
+      max_new_tokens: the most tokens to add per prompt (> 0); default 64, or what the
+        longest prompt leaves of the limit.
       sampler: "greedy", "temperature", "top_k", "top_p", or a `gemma_keras.samplers.Sampler`
         (or keras-hub sampler); `temperature`, `top_k`, `top_p` set the named ones.
       stop_token_ids: a row stops after producing one of these (default `<eos>` and
@@ -322,7 +325,7 @@ def generate(model, prompts, max_new_tokens=64, sampler="greedy", stop_token_ids
     return completions[0] if single else completions
 
 
-def stream(model, prompt, max_new_tokens=64, sampler="greedy", stop_token_ids=None,
+def stream(model, prompt, max_new_tokens=None, sampler="greedy", stop_token_ids=None,
            seed=None, max_length=None, truncate=False, temperature=None, top_k=None,
            top_p=None):
     """Yield the completion of one prompt as it is produced.
@@ -365,14 +368,15 @@ class ChatSession:
     >>> print("".join(chat.send("reverse: cat dog")))
     """
 
-    def __init__(self, model, max_new_tokens=256, limit=None, seed=None, **sampling):
+    def __init__(self, model, max_new_tokens=None, limit=None, seed=None, **sampling):
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("chat needs a model with a tokenizer")
         self.model = model
-        self.max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
         if limit is None:
             limit = getattr(model, "cache_len", None) or model.config.max_position_embeddings
         self.limit = limit
+        self.max_new_tokens = _check_positive_int(
+            "max_new_tokens", defaults.chat_reply_tokens(max_new_tokens, limit))
         self.seed = seed
         self.sampling = sampling
         self.messages = []

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import TRAIN_SEED
 from gemma_keras import tiny_task
 
 TINY = tiny_task.tiny_model_dir()
@@ -40,7 +41,7 @@ def finetuned():
     from gemma_keras.data import encode_records
     from gemma_keras.training import adamw
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(TRAIN_SEED)
     model = load_tiny()
     held_out = encode_records(tiny_task.held_out_examples(NEW_TASK, n=100), model.tokenizer, 32)
     before = tiny_task.teacher_forced_exact_match(model, held_out)
@@ -81,6 +82,7 @@ def test_targets():
         model.enable_lora(rank=2)
 
 
+@pytest.mark.trains
 def test_lora_finetune_learns_the_new_task(finetuned):
     _, before, after = finetuned
     assert before <= 0.1, before

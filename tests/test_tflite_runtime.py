@@ -246,7 +246,9 @@ def test_quantized_exports_keep_task_accuracy(tiny_exports, tiny_lm):
     for quantize in VARIANTS:
         print(f"{quantize:>14}: accuracy {accuracies[quantize]:.3f}, "
               f"file {tiny_exports[quantize].stat().st_size:,} bytes")
-    assert accuracies["none"] == keras_accuracy
+    # The float32 file computes what Keras does with other kernels: equal up to a near-tie
+    # (one of 200 answers) whose rounding differs between the two.
+    assert abs(accuracies["none"] - keras_accuracy) <= 1 / len(examples)
     assert accuracies["dynamic_int8"] >= keras_accuracy - 0.02
     assert accuracies["int4_block32"] >= keras_accuracy - 0.05
     assert accuracies["int4_channel"] >= keras_accuracy - 0.05
@@ -273,4 +275,4 @@ def test_cli_export_then_generate(tmp_path, capsys):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "fish blue fish red"
-    assert "INFO: [" not in result.stderr and "WARNING: [" not in result.stderr, result.stderr
+    assert result.stderr.strip() == "", result.stderr

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import TRAIN_SEED
 from gemma_keras import tiny_task
 
 TINY = tiny_task.tiny_model_dir()
@@ -70,19 +71,52 @@ def test_logits_match_transformers(tiny_lm):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_reverse_answers_read_well(tiny_lm):
-    answers = tiny_task.keras_answers(tiny_lm, ["reverse: red fish blue fish"])
-    assert answers == ["fish blue fish red"]
+# Answers of the bundled model that tests elsewhere compare as exact strings (the TFLite, CLI
+# and chat tests). They hold on every CPU only if no step is near a tie: checked here.
+KNOWN_ANSWERS = [
+    (["reverse: red fish blue fish"], "fish blue fish red"),
+    (["reverse: cat dog sun"], "sun dog cat"),
+    (["reverse: cat dog sun", "sun dog cat", "reverse: red blue"], "blue red"),
+    (["reverse: one two six ten"], "ten six two one"),
+]
+# float32 logits of this model differ between CPUs (AVX2, AVX-512, oneDNN on or off, thread
+# counts) by about 1e-5; a step whose best token leads by 1 nat cannot change.
+SAFE_MARGIN = 1.0
 
 
+@pytest.mark.parametrize("turns, answer", KNOWN_ANSWERS)
+def test_known_answers_are_far_from_ties(tiny_lm, turns, answer):
+    """Greedy decoding gives `answer` then <end_of_turn>, each token ahead of the runner-up
+    by at least SAFE_MARGIN (teacher-forced logits of the same ids)."""
+    tokenizer = tiny_lm.tokenizer
+    messages = [{"role": "user" if i % 2 == 0 else "model", "content": text}
+                for i, text in enumerate(turns)]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    new = tiny_lm.generate([ids], max_new_tokens=8)[0] + [tiny_lm.config.end_of_turn_id]
+    assert tokenizer.decode(new[:-1]) == answer
+    full = np.array([ids + new], np.int32)
+    logits = np.asarray(tiny_lm({"token_ids": full, "padding_mask": np.ones_like(full)}))[0]
+    for position, token in enumerate(new, start=len(ids) - 1):
+        row = logits[position]
+        margin = row[token] - np.delete(row, token).max()
+        assert margin >= SAFE_MARGIN, (answer, position, margin)
+
+
+@pytest.mark.trains
 def test_demo_learns_the_new_task_and_saves_a_loadable_model(tmp_path):
     """`gemma-keras demo` without its export part (the exports have their own tests)."""
     from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras import demo
     from gemma_keras.demo import run_demo
 
     lines = []
-    result = run_demo(tmp_path, exports=False, echo=lines.append)
+    result = run_demo(tmp_path, exports=False, echo=lines.append, seed=TRAIN_SEED)
+    # The demo reaches 95-100% under every perturbation measured (benchmarks/README.md);
+    # the margin below that is for CPUs not measured yet.
     assert result["before"] <= 0.1 and result["after"] >= 0.9, result
     assert any("before ->" in line for line in lines)
+    # The saved model is the one that was scored: the same accuracy on the same prompts.
     model = Gemma2CausalLM.from_pretrained(tmp_path / "tiny-repeat")
-    assert tiny_task.keras_answers(model, ["repeat: cat dog sun"]) == ["cat dog sun"]
+    shown = demo.NEW_TASK_PROMPTS + demo.DEMO_PROMPTS[:1]  # the batch the demo scored
+    _, reloaded = demo._answer_and_score(model, shown, tiny_task.held_out_examples("repeat", 100))
+    assert reloaded == result["after"]

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import TRAIN_SEED
 from gemma_keras import tiny_task
 from gemma_keras.data import DataError, encode_records, load_jsonl
 
@@ -106,6 +107,7 @@ def cross_entropy(logits, labels, weights):
     return (nll * weights).sum() / weights.sum()
 
 
+@pytest.mark.trains
 def test_full_finetune_lowers_validation_loss_with_exact_masked_loss(tokenizer):
     """A generator trains, a tf.data set validates; Keras' loss is the masked mean computed
     by hand, and two epochs of full fine-tuning on a new task lower the validation loss."""
@@ -114,7 +116,7 @@ def test_full_finetune_lowers_validation_loss_with_exact_masked_loss(tokenizer):
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.training import adamw
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(TRAIN_SEED)
     model = Gemma2CausalLM.from_pretrained(TINY)
     train = encode_records(tiny_task.training_examples(192, task="repeat"), tokenizer, 32)
     val = encode_records(tiny_task.held_out_examples("repeat", n=48), tokenizer, 32)
@@ -134,14 +136,14 @@ def test_full_finetune_lowers_validation_loss_with_exact_masked_loss(tokenizer):
 
 
 JAX_FIT = textwrap.dedent("""
-    import json, keras
+    import json, os, keras
     from gemma_keras import tiny_task
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.config import Gemma2Config
     from gemma_keras.data import encode_records
     from gemma_keras.training import adamw, remat_scope
     assert keras.backend.backend() == "jax"
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(int(os.environ.get("GEMMA_KERAS_TRAIN_SEED", "0")))
     with remat_scope(Gemma2Config.from_json_file(tiny_task.tiny_model_dir() + "/config.json")):
         model = Gemma2CausalLM.from_pretrained(tiny_task.tiny_model_dir(),
                                                dtype="mixed_bfloat16")
@@ -166,6 +168,7 @@ def run_jax(script, extra_env=None):
     return json.loads(line[len("RESULT"):])
 
 
+@pytest.mark.trains
 def test_fit_on_jax_backend_in_mixed_bfloat16_with_gradient_accumulation_and_remat():
     out = run_jax(JAX_FIT)
     assert out["remat"] == ["list_of_layers"] * 4
@@ -175,6 +178,7 @@ def test_fit_on_jax_backend_in_mixed_bfloat16_with_gradient_accumulation_and_rem
     assert last < 0.8 * first, out
 
 
+@pytest.mark.trains
 def test_finetune_command_validates_checkpoints_and_resumes(tmp_path, capsys):
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.cli import main
@@ -183,7 +187,8 @@ def test_finetune_command_validates_checkpoints_and_resumes(tmp_path, capsys):
     write_lines(data, [json.dumps(e) for e in tiny_task.training_examples(80, task="repeat")])
     out = tmp_path / "tuned"
     common = ["finetune", "--data", str(data), "--out", str(out), "--lora-rank", "4",
-              "--learning-rate", "1e-2", "--batch-size", "16", "--eager", "--quiet"]
+              "--learning-rate", "1e-2", "--batch-size", "16", "--eager", "--quiet",
+              "--seed", str(TRAIN_SEED)]
     assert main(common + ["--epochs", "1"]) == 0
     first = capsys.readouterr().out
     assert "epoch 1: validation loss" in first

@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from gemma_keras import defaults
 from gemma_keras.samplers import get_sampler
 from gemma_keras.tflite.native_log import stderr_captured
 from gemma_keras.tokenizer import stream_text
@@ -301,13 +302,15 @@ class GemmaTFLite:
             return self.tokenizer.encode(prompt), True
         return self._check_ids(prompt), False
 
-    def generate_ids(self, prompt_ids, max_new_tokens=64, sampler="greedy", seed=None,
+    def generate_ids(self, prompt_ids, max_new_tokens=None, sampler="greedy", seed=None,
                      stop_token_ids=None, temperature=None, top_k=None, top_p=None):
         """Yield up to `max_new_tokens` new token ids after `prompt_ids`, the stop token last
-        (if reached). Refuses a prompt that, with `max_new_tokens`, cannot fit the cache."""
+        (if reached). Refuses a prompt that, with `max_new_tokens`, cannot fit the cache;
+        by default `max_new_tokens` is 64, or the room the prompt leaves in the cache."""
+        prompt_ids = self._check_ids(prompt_ids)
+        max_new_tokens = defaults.max_new_tokens(max_new_tokens, len(prompt_ids), self.cache_len)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        prompt_ids = self._check_ids(prompt_ids)
         if len(prompt_ids) + max_new_tokens > self.cache_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; with max_new_tokens="
@@ -327,7 +330,7 @@ class GemmaTFLite:
                 return
             logits = self.step(token)
 
-    def stream(self, prompt, max_new_tokens=64, sampler="greedy", seed=None,
+    def stream(self, prompt, max_new_tokens=None, sampler="greedy", seed=None,
                stop_token_ids=None, temperature=None, top_k=None, top_p=None):
         """Yield the completion of `prompt` as it is produced (the stop token left out).
 
@@ -342,13 +345,13 @@ class GemmaTFLite:
         tokens = itertools.takewhile(lambda t: t not in stop, steps)
         yield from stream_text(self.tokenizer, tokens) if is_text else tokens
 
-    def generate(self, prompt, max_new_tokens=64, sampler="greedy", seed=None, **kwargs):
+    def generate(self, prompt, max_new_tokens=None, sampler="greedy", seed=None, **kwargs):
         """The completion of `prompt`: a string for a text prompt, ids for a token-id list.
         Arguments as in `stream`."""
         pieces = list(self.stream(prompt, max_new_tokens, sampler, seed, **kwargs))
         return "".join(pieces) if isinstance(prompt, str) else pieces
 
-    def chat(self, messages, max_new_tokens=64, sampler="greedy", seed=None, **kwargs):
+    def chat(self, messages, max_new_tokens=None, sampler="greedy", seed=None, **kwargs):
         """The model's reply to `messages` (`[{"role": "user"|"model", "content": str}]`),
         in Gemma's turn format; generation stops at `<end_of_turn>`."""
         if self.tokenizer is None:

@@ -27,7 +27,8 @@ def register(subparsers):
                    help="longest prompt + completion in tokens a request may ask for "
                         "(default: the model's max_position_embeddings)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default of the request's max_new_tokens input (default: 64)")
+                   help="default of the request's max_new_tokens input (default: 64, or "
+                        "max-length - 1 if smaller)")
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="largest variables shard, e.g. 1GB or 500MB (default: 1GiB)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -38,6 +39,9 @@ def register(subparsers):
 
 def run(args):
     import os
+    import sys
+
+    from gemma_keras import defaults
 
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from gemma_keras.causal_lm import Gemma2CausalLM
@@ -50,6 +54,10 @@ def run(args):
     tokenizer = args.tokenizer
     if tokenizer is None and getattr(model, "tokenizer", None) is None:
         tokenizer = os.path.join(args.model, "tokenizer.model")
+    max_length = args.max_length or model.config.max_position_embeddings
+    args.max_new_tokens, note = defaults.serving_max_new_tokens(args.max_new_tokens, max_length)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     options = {k: v for k, v in (("max_new_tokens", args.max_new_tokens),
                                  ("max_shard_size", args.max_shard_size)) if v is not None}
     path = export_saved_model(model, args.out, version=args.version,

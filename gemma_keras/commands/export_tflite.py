@@ -1,7 +1,5 @@
 """`gemma-keras export-tflite`: a model directory to one `.tflite` file with a KV cache."""
 
-DEFAULT_PREFILL_LENS = "8,64,256"
-
 
 def parse_lengths(text):
     """'8,64,256' -> (8, 64, 256)."""
@@ -15,6 +13,24 @@ def parse_lengths(text):
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive integers like 8,64,256, got {text!r}")
     return lengths
+
+
+def derive_lengths(model_dir, kv_cache_max_len, prefill_lens):
+    """The cache and prefill lengths, defaults derived from the model's config (with a note
+    on stderr when a default was clamped)."""
+    import sys
+
+    from gemma_keras import defaults
+    from gemma_keras.config import Gemma2Config
+
+    config = Gemma2Config.from_json_file(model_dir / "config.json")
+    kv_cache_max_len, kv_note = defaults.kv_cache_max_len(
+        kv_cache_max_len, config.max_position_embeddings)
+    prefill_lens, prefill_note = defaults.prefill_lens(prefill_lens, kv_cache_max_len)
+    for note in (kv_note, prefill_note):
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    return kv_cache_max_len, prefill_lens
 
 
 def register(subparsers):
@@ -44,9 +60,9 @@ def register(subparsers):
     p.add_argument("--kv-cache-max-len", type=int, default=None, metavar="N",
                    help="cache slots: the most tokens (prompt + generated) per conversation "
                         "(default 1024, or the model's max_position_embeddings if smaller)")
-    p.add_argument("--prefill-lens", type=parse_lengths, default=parse_lengths(
-        DEFAULT_PREFILL_LENS), metavar="T,T,...",
-        help=f"one prefill signature per length (default {DEFAULT_PREFILL_LENS})")
+    p.add_argument("--prefill-lens", type=parse_lengths, default=None, metavar="T,T,...",
+                   help="one prefill signature per length (default 8,64,256: those that fit "
+                        "the cache)")
     p.add_argument("--bundle", choices=("none", "litertlm"), default="none",
                    help="litertlm: also write FILE.litertlm (the .tflite, the tokenizer and "
                         "Gemma's LlmMetadata) for Google's LiteRT-LM engine")
@@ -71,6 +87,8 @@ def run(args):
 
     model_dir = Path(model_dir_or_tiny(args.model))
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # the exporter traces with TF
+    args.kv_cache_max_len, args.prefill_lens = derive_lengths(
+        model_dir, args.kv_cache_max_len, args.prefill_lens)
 
     from gemma_keras.tflite import export_tflite
 

@@ -18,8 +18,9 @@ def add_model_arguments(p):
 
 def add_sampling_arguments(p, max_new_tokens):
     """--max-new-tokens, --sampler and its settings, --seed; shared with `chat`."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                   help=f"most tokens to generate (default {max_new_tokens})")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"most tokens to generate (default {max_new_tokens}, or what fits "
+                        "the model's context or the file's cache)")
     p.add_argument("--sampler", choices=SAMPLERS, default="greedy",
                    help="decoding strategy (default greedy)")
     p.add_argument("--temperature", type=float, default=None,
