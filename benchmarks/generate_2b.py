@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 
 import numpy as np
 
+import machine
+
 PROMPT, NEW = 64, 64
 SYSTEMS = {
     # name: (time limit s, new tokens (None = NEW), weight bytes per parameter)
@@ -37,6 +38,7 @@ SYSTEMS = {
     "gemma-keras-bfloat16": (420, 8, 2),
     "keras-hub-float32": (480, None, 4),
     "transformers-float32": (420, None, 4),
+    "transformers-bfloat16": (420, None, 2),
 }
 SMOKE_CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512,
                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -175,7 +177,7 @@ def run_keras_hub(new, smoke):
                 params=backbone.count_params())
 
 
-def run_transformers(new, smoke):
+def run_transformers(dtype, new, smoke):
     import torch
     import transformers
 
@@ -183,8 +185,13 @@ def run_transformers(new, smoke):
     hf_config = transformers.Gemma2Config(**config.to_hf_dict(), attn_implementation="eager")
     torch.manual_seed(0)
     t = time.perf_counter()
-    with torch.device("meta"):
-        model = transformers.Gemma2ForCausalLM(hf_config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # parameters made in `dtype`, no copy
+    try:
+        with torch.device("meta"):
+            model = transformers.Gemma2ForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model = model.to_empty(device="cpu").eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -223,7 +230,7 @@ def child(system, smoke):
     elif system.startswith("keras-hub"):
         result = run_keras_hub(new, smoke)
     else:
-        result = run_transformers(new, smoke)
+        result = run_transformers(system.rsplit("-", 1)[1], new, smoke)
     result["peak_rss"] = peak_rss_bytes()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -295,8 +302,7 @@ def main():
         parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
     params = gemma_config(args.smoke).num_parameters()
     bandwidth = read_bandwidth(0.25 if args.smoke else 2.0)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+    print(f"# {machine.describe()}; "
           f"{'smoke config' if args.smoke else 'Gemma 2 2B'} ({params:,} parameters), "
           f"prompt {PROMPT} tokens, batch 1; streaming read {bandwidth / 1e9:.1f} GB/s",
           flush=True)
