@@ -7,6 +7,8 @@ import argparse
 import resource
 import time
 
+import machine
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -23,6 +25,7 @@ def main():
     expected = Gemma2Config.preset(args.preset).num_parameters()
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+    print(f"# {machine.describe()}")
     print(f"| preset | dtype | parameters | expected | build s | peak RSS GiB |")
     print(f"| --- | --- | --- | --- | --- | --- |")
     print(f"| {args.preset} | {args.dtype} | {params:,} | {expected:,} | {seconds:.1f} | "

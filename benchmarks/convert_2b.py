@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+import machine
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 PRESET = "gemma2_2b"
@@ -155,6 +157,7 @@ def main():
             print(f"{name}: {r}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"\n# {machine.describe()}")
     print(f"\n{PRESET}, {DTYPE}, model bytes {model_bytes / 1e9:.2f} GB "
           f"(target peak RSS < 1.5x = {1.5 * model_bytes / 1e9:.2f} GB)\n")
     print("| phase | seconds | peak RSS GB | peak / model bytes | result |")
