@@ -39,7 +39,7 @@ from gemma_keras.tflite.signatures import (
     prefill_lengths,
 )
 
-# Gemma's special ids (see DESIGN.md); the tokenizer is checked against them.
+# Gemma's special ids (gemma_keras/config.py); the tokenizer is checked against them.
 BOS_ID, EOS_ID, END_OF_TURN_ID = 2, 1, 107
 
 # Gemma's chat turns, as LiteRT-LM's prompt templates (used when a session or conversation
