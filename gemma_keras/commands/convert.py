@@ -1,4 +1,5 @@
-"""`gemma-keras convert`: Hugging Face checkpoint <-> gemma-keras model directory."""
+"""`gemma-keras convert`: Hugging Face checkpoint or keras-hub preset <-> gemma-keras model
+directory."""
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -23,10 +24,13 @@ def register(subparsers):
                     "*.safetensors, tokenizer.model) becomes a gemma-keras model directory "
                     "(config.json, Keras .weights.h5, tokenizer.model, metadata.json); with "
                     "--to hf (the default when SRC_DIR is a gemma-keras directory) the reverse. "
+                    "A keras-hub Gemma 2 preset (save_to_preset: config.json, model.weights.h5, "
+                    "tokenizer.json, assets/) also becomes a gemma-keras model directory, and "
+                    "--to keras-hub writes one from a gemma-keras directory. "
                     "OUT_DIR appears only when the conversion is complete.")
     p.add_argument("src", metavar="SRC_DIR")
     p.add_argument("out", metavar="OUT_DIR")
-    p.add_argument("--to", choices=("keras", "hf"), default=None,
+    p.add_argument("--to", choices=("keras", "hf", "keras-hub"), default=None,
                    help="output format (default: the other one than SRC_DIR's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written weights (default: the source's)")
@@ -47,6 +51,8 @@ def run(args):
     from gemma_keras.converters import convert
     from gemma_keras.converters.verify import DEFAULT_ATOL
 
+    if args.to == "keras-hub" or (args.to in (None, "keras") and _is_keras_hub(args.src)):
+        return _run_keras_hub(args)
     to = args.to or ("hf" if convert.detect_format(args.src) == "keras" else "keras")
     function = convert.convert_keras_to_hf if to == "hf" else convert.convert_hf_to_keras
     kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
@@ -55,5 +61,34 @@ def run(args):
                        progress=not args.quiet, **kwargs)
     if summary.verify is not None:
         print(summary.verify.line())
+    print(summary.line())
+    return 0
+
+
+def _is_keras_hub(src) -> bool:
+    from gemma_keras.converters.keras_hub import is_keras_hub_preset
+
+    return is_keras_hub_preset(src)
+
+
+def _run_keras_hub(args):
+    """keras-hub preset -> gemma-keras directory, or back with --to keras-hub."""
+    from gemma_keras.converters import keras_hub
+
+    if args.verify or args.atol is not None:
+        raise ValueError("--verify is for Hugging Face conversions; a keras-hub conversion "
+                         "is exact (transposes and reshapes only)")
+    if args.to == "keras-hub":
+        if args.max_shard_size is not None:
+            raise ValueError("--max-shard-size: a keras-hub preset is written as one "
+                             "model.weights.h5")
+        summary = keras_hub.convert_keras_to_keras_hub(
+            args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+            progress=not args.quiet)
+    else:
+        kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
+        summary = keras_hub.convert_keras_hub_to_keras(
+            args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+            progress=not args.quiet, **kwargs)
     print(summary.line())
     return 0
