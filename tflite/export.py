@@ -7,6 +7,7 @@ The file follows the conventions of Google's LiteRT-LM and MediaPipe LLM runtime
                        kv_cache_v_<i> float32 [1, kv_heads, head_dim, S] (transposed)
                outputs kv_cache_k_<i> / kv_cache_v_<i> (the updated caches)
   decode       the same with T = 1, plus output logits float32 [1, 1, vocab]
+  score_<T>    (optional, `score_lens`) prefill_<T> plus output logits float32 [1, T, vocab]
 
 S is the cache length. `mask` is additive: 0 where a query may see a key, a large negative
 number (LiteRT-LM writes -0.7 * FLT_MAX) where it may not. Token t of a call is written at
@@ -45,6 +46,7 @@ from gemma_keras.tflite.signatures import (
     MASK_VISIBLE_ABOVE,
     cache_names,
     prefill_name,
+    score_name,
 )
 
 
@@ -129,8 +131,9 @@ class _GemmaSignatures:
             **self.cache_specs(),
         }
 
-    def step(self, inputs, with_logits):
-        """Run `tokens` through the model against the cache; return the named outputs."""
+    def step(self, inputs, with_logits, all_logits=False):
+        """Run `tokens` through the model against the cache; return the named outputs
+        (`logits` of the last token with `with_logits`, of every token with `all_logits`)."""
         tf = self.tf
         c = self.config
         backbone = self.model.backbone
@@ -152,6 +155,8 @@ class _GemmaSignatures:
             outputs[v_name] = tf.identity(v, name=v_name)
         if with_logits:
             outputs[LOGITS] = self.head(hidden[:, -1, :])[:, None, :]
+        elif all_logits:
+            outputs[LOGITS] = self.head(hidden[0])[None]  # [1, T, vocab]
         return outputs
 
     def table(self):
@@ -191,13 +196,17 @@ class _GemmaSignatures:
             logits = tf.tanh(logits) * self._cap
         return logits
 
-    def concrete_functions(self, prefill_lens):
-        """`{signature_name: concrete function}` for every prefill length and decode."""
+    def concrete_functions(self, prefill_lens, score_lens=()):
+        """`{signature_name: concrete function}` for every prefill length, decode and every
+        score length."""
         tf = self.tf
         functions = {}
         for seq_len in prefill_lens:
             fn = tf.function(lambda inputs: self.step(inputs, with_logits=False))
             functions[prefill_name(seq_len)] = fn.get_concrete_function(self.specs(seq_len))
+        for seq_len in score_lens:
+            fn = tf.function(lambda inputs: self.step(inputs, False, all_logits=True))
+            functions[score_name(seq_len)] = fn.get_concrete_function(self.specs(seq_len))
         fn = tf.function(lambda inputs: self.step(inputs, with_logits=True))
         functions[DECODE] = fn.get_concrete_function(self.specs(1))
         return functions
@@ -298,7 +307,7 @@ def _convert(saved_model_dir, signature_keys, quantize):
 
 
 def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
-                  prefill_lens=None, progress=True):
+                  prefill_lens=None, progress=True, score_lens=()):
     """Export `model` (a `Gemma2CausalLM` or a model directory) to the `.tflite` file `out`.
 
     Args:
@@ -311,6 +320,8 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
         1024, or the model's max_position_embeddings if smaller.
       prefill_lens: one `prefill_<T>` signature per length T. Default: 8, 64 and 256, those
         that fit the cache.
+      score_lens: one `score_<T>` signature per length T (logits at every position, for
+        `gemma_keras.evaluation`); default none. Each must fit the cache.
     Returns the output path. The file is written under a temporary name and renamed when
     complete.
 
@@ -319,11 +330,11 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
     ...               kv_cache_max_len=1280, prefill_lens=(8, 64, 256))  # doctest: +SKIP
     """
     return export_tflite_variants(model, {quantize: out}, kv_cache_max_len, prefill_lens,
-                                  progress)[quantize]
+                                  progress, score_lens)[quantize]
 
 
 def export_tflite_variants(model, outputs, kv_cache_max_len=None,
-                           prefill_lens=None, progress=True):
+                           prefill_lens=None, progress=True, score_lens=()):
     """Export several quantizations of one model, tracing it once.
 
     `outputs` maps a quantization mode to its output path, e.g.
@@ -340,6 +351,10 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
     restore = not isinstance(model, (str, os.PathLike))  # nobody else holds a model we load
     model = _load_model(model)
     kv_cache_max_len, prefill_lens = _check_lengths(model.config, kv_cache_max_len, prefill_lens)
+    score_lens = sorted({int(t) for t in score_lens or ()})
+    if score_lens and not 1 <= score_lens[0] <= score_lens[-1] <= kv_cache_max_len:
+        raise ValueError(f"score_lens must be in [1, {kv_cache_max_len}] (kv_cache_max_len), "
+                         f"got {score_lens}")
     for quantize in outputs:
         quantize_lib.check_block_sizes(model.config, quantize)
     outputs = {q: Path(p) for q, p in outputs.items()}
@@ -358,7 +373,7 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
         checkpoint = saved_model_dir / "variables" / "variables"
         with _ExportWeights(model, checkpoint, restore=restore) as weights:
             signatures = _GemmaSignatures(model, kv_cache_max_len, weights)
-            functions = signatures.concrete_functions(prefill_lens)
+            functions = signatures.concrete_functions(prefill_lens, score_lens)
             steps.update("traced signatures")
             tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
             steps.update("wrote SavedModel")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 DECODE = "decode"
 PREFILL_PREFIX = "prefill_"
+# Optional `score_<T>` signatures (export option `score_lens`): prefill_<T> that also returns
+# the logits at every position, float32 [1, T, vocab], for perplexity and evaluation.
+SCORE_PREFIX = "score_"
 TOKENS, INPUT_POS, MASK, LOGITS = "tokens", "input_pos", "mask", "logits"
 
 # `mask` is additive: 0 where visible, very negative where not. The graph treats entries above
@@ -25,10 +28,15 @@ def prefill_name(seq_len):
     return f"{PREFILL_PREFIX}{int(seq_len)}"
 
 
-def prefill_lengths(signature_names):
-    """Sorted prefill lengths T of the `prefill_<T>` signatures among `signature_names`."""
+def score_name(seq_len):
+    return f"{SCORE_PREFIX}{int(seq_len)}"
+
+
+def prefill_lengths(signature_names, prefix=PREFILL_PREFIX):
+    """Sorted lengths T of the `<prefix><T>` signatures among `signature_names` (by default
+    the `prefill_<T>` ones; `prefix=SCORE_PREFIX` for `score_<T>`)."""
     lens = []
     for name in signature_names:
-        if name.startswith(PREFILL_PREFIX) and name[len(PREFILL_PREFIX):].isdigit():
-            lens.append(int(name[len(PREFILL_PREFIX):]))
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            lens.append(int(name[len(prefix):]))
     return sorted(lens)
