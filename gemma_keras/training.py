@@ -173,6 +173,51 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 # --------------------------------------------------------------- finetune
+def load_splits(model, data_path, sequence_length=None, validation_path=None,
+                validation_split=0.1, seed=0):
+    """`(train, validation)` `EncodedData` from JSONL files, encoded with `model.tokenizer`:
+    the validation part is `validation_path`, else a seeded `validation_split` of the data,
+    else None. Errors name a sequence length the model cannot hold."""
+    from gemma_keras.data import load_jsonl
+
+    positions = model.config.max_position_embeddings
+    if sequence_length is not None and sequence_length > positions:
+        raise ValueError(f"sequence_length {sequence_length} exceeds the model's "
+                         f"{positions} positions")
+    data = load_jsonl(data_path, model.tokenizer, sequence_length)
+    if (sequence_length is None and data.sequence_length > positions
+            and int(data.padding_mask.sum(1).max()) <= positions):
+        # the default (the longest record rounded up to 8) capped at the model's positions
+        data = load_jsonl(data_path, model.tokenizer, positions)
+    if data.sequence_length > positions:
+        raise ValueError(f"{data_path}: the longest record needs {data.sequence_length} "
+                         f"positions, the model has {positions}")
+    if validation_path:
+        return data, load_jsonl(validation_path, model.tokenizer, data.sequence_length)
+    if validation_split:
+        return data.split(validation_split, seed=seed)
+    return data, None
+
+
+def write_finetuned(model, out_dir, source=None, lora_rank=None, adapter_path=None,
+                    overwrite=False) -> dict:
+    """Save a trained model as a gemma-keras model directory: with LoRA, the adapters go to
+    `adapter_path` first and are then merged. Returns the paths written."""
+    import os
+
+    from gemma_keras import lora
+    from gemma_keras.converters.keras_dir import save_model_dir
+
+    paths = {}
+    if lora_rank:
+        paths["adapter"] = lora.save_lora_weights(model, adapter_path)
+        lora.merge_lora(model)
+    save_model_dir(model, out_dir, source=source, tokenizer_path=model.tokenizer.proto_path,
+                   overwrite=overwrite)
+    paths["model"] = os.fspath(out_dir)
+    return paths
+
+
 def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_length=None,
              lora_rank=None, lora_alpha=None, lora_targets=None, learning_rate=None,
              validation_split=0.1, validation_path=None, checkpoint_dir=None, resume=True,
@@ -195,8 +240,6 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     from gemma_keras import lora
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.config import Gemma2Config
-    from gemma_keras.converters.keras_dir import save_model_dir
-    from gemma_keras.data import load_jsonl
 
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
@@ -213,19 +256,8 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     if model.tokenizer is None:
         raise FileNotFoundError(f"{model_dir}: no tokenizer.model to encode the data with")
 
-    if sequence_length is not None and sequence_length > config.max_position_embeddings:
-        raise ValueError(f"sequence_length {sequence_length} exceeds the model's "
-                         f"{config.max_position_embeddings} positions")
-    data = load_jsonl(data_path, model.tokenizer, sequence_length)
-    if data.sequence_length > config.max_position_embeddings:
-        raise ValueError(f"{data_path}: the longest record needs {data.sequence_length} "
-                         f"positions, the model has {config.max_position_embeddings}")
-    if validation_path:
-        train, val = data, load_jsonl(validation_path, model.tokenizer, data.sequence_length)
-    elif validation_split:
-        train, val = data.split(validation_split, seed=seed)
-    else:
-        train, val = data, None
+    train, val = load_splits(model, data_path, sequence_length, validation_path,
+                             validation_split, seed)
 
     if lora_rank:
         lora.enable_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
@@ -237,7 +269,7 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     fingerprint = dict(model=os.path.abspath(model_dir), data=os.path.abspath(data_path),
                        lora_rank=lora_rank, lora_alpha=lora_alpha,
                        lora_targets=list(lora.resolve_targets(lora_targets)) if lora_rank
-                       else None, batch_size=batch_size, sequence_length=data.sequence_length,
+                       else None, batch_size=batch_size, sequence_length=train.sequence_length,
                        dtype=model.dtype_policy.name)
     initial_epoch = 0
     latest = latest_checkpoint(checkpoint_dir) if resume else None
@@ -254,13 +286,9 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
             verbose=verbose)
         history = {k: [float(x) for x in v] for k, v in result.history.items()}
 
-    paths = {"checkpoints": checkpoint_dir}
-    if lora_rank:
-        paths["adapter"] = lora.save_lora_weights(
-            model, os.path.join(checkpoint_dir, "adapter.safetensors"))
-        lora.merge_lora(model)
-    save_model_dir(model, out_dir, source=model_dir, tokenizer_path=model.tokenizer.proto_path,
-                   overwrite=overwrite)
-    paths["model"] = os.fspath(out_dir)
+    paths = {"checkpoints": checkpoint_dir,
+             **write_finetuned(model, out_dir, source=model_dir, lora_rank=lora_rank,
+                               adapter_path=os.path.join(checkpoint_dir, "adapter.safetensors"),
+                               overwrite=overwrite)}
     return {"history": history, "initial_epoch": initial_epoch, "paths": paths,
             "train_examples": len(train), "validation_examples": len(val) if val else 0}
