@@ -31,9 +31,11 @@ from gemma_keras.tflite.signatures import (
     LOGITS,
     MASK,
     MASK_HIDDEN,
+    SCORE_PREFIX,
     TOKENS,
     prefill_lengths,
     prefill_name,
+    score_name,
 )
 
 EOS_ID, END_OF_TURN_ID, PAD_ID = 1, 107, 0
@@ -183,6 +185,10 @@ class GemmaTFLite:
         self._signatures = {1: _Signature(self.model, DECODE, self._caches)}
         for t in self.prefill_lens:
             self._signatures[t] = _Signature(self.model, prefill_name(t), self._caches)
+        # Optional score_<T> signatures (logits at every position), for evaluation.
+        self.score_lens = prefill_lengths(signatures, SCORE_PREFIX)
+        self._score_signatures = {t: _Signature(self.model, score_name(t), self._caches)
+                                  for t in self.score_lens}
         self._pos = None  # set by `start`
 
         if tokenizer_path is None:
@@ -226,25 +232,29 @@ class GemmaTFLite:
         visible = slots <= np.asarray(positions)[:, None]
         return np.where(visible, 0.0, MASK_HIDDEN).astype(np.float32)[None, None]
 
-    def _run(self, seq_len, tokens, start):
+    def _run(self, seq_len, tokens, start, signatures=None):
         """Run `tokens` (at most `seq_len`) at positions start.. through the signature whose
-        length is `seq_len` (1: decode), padding with token 0; the caches update in place."""
+        length is `seq_len` (1: decode) among `signatures` (default: prefill and decode),
+        padding with token 0; the caches update in place. Returns the signature."""
         if self.model is None:
             raise ValueError(f"{self!r} is closed")
         ids = np.full((1, seq_len), PAD_ID, np.int32)
         ids[0, :len(tokens)] = tokens
         positions = np.arange(start, start + seq_len, dtype=np.int32)
-        self._signatures[seq_len](ids, positions, self._mask(positions))
+        signature = (signatures or self._signatures).get(seq_len) or self._signatures[seq_len]
+        signature(ids, positions, self._mask(positions))
+        return signature
 
-    def _prefill_plan(self, start, count):
-        """Chunks `(seq_len, n_tokens)` that prefill `count` tokens from position `start`.
+    def _prefill_plan(self, start, count, lens=None):
+        """Chunks `(seq_len, n_tokens)` that run `count` tokens from position `start` through
+        the signatures of lengths `lens` (default: the prefill lengths).
 
         Each chunk must fit the cache with its padding (the whole padded chunk is written).
         A length that fits nothing left over is prefilled token by token through decode.
         """
         plan, pos, left = [], start, count
         while left > 0:
-            fits = [t for t in self.prefill_lens if pos + t <= self.cache_len]
+            fits = [t for t in (lens or self.prefill_lens) if pos + t <= self.cache_len]
             holding = [t for t in fits if t >= left]
             if holding:
                 seq_len = holding[0]
@@ -283,6 +293,27 @@ class GemmaTFLite:
         self._run(1, [int(token_id)], self._pos)
         self._pos += 1
         return self._signatures[1].outputs[LOGITS].read(self.vocab_size, np.float32)
+
+    def logits_at_every_position(self, token_ids):
+        """float32 logits [n, vocab] after each of the n tokens (`<bos>` first), run into a
+        fresh cache through the file's `score_<T>` signatures (export with `score_lens`);
+        `step` may continue after them."""
+        token_ids = self._check_ids(token_ids)
+        if not self.score_lens:
+            raise ValueError(f"{self.path} has no score_<T> signature; export it with "
+                             "score_lens (gemma-keras export-tflite --score-lens)")
+        if len(token_ids) > self.cache_len:
+            raise ValueError(f"{len(token_ids)} tokens do not fit the model's cache of "
+                             f"{self.cache_len} (kv_cache_max_len of {self.path})")
+        self._pos = None
+        logits, pos = np.empty((len(token_ids), self.vocab_size), np.float32), 0
+        for seq_len, n in self._prefill_plan(0, len(token_ids), self.score_lens):
+            signature = self._run(seq_len, token_ids[pos:pos + n], pos, self._score_signatures)
+            chunk = signature.outputs[LOGITS].read(seq_len * self.vocab_size, np.float32)
+            logits[pos:pos + n] = chunk.reshape(seq_len, self.vocab_size)[:n]
+            pos += n
+        self._pos = pos
+        return logits
 
     def _check_ids(self, token_ids):
         ids = [int(t) for t in token_ids]
