@@ -66,3 +66,26 @@ def serving_max_new_tokens(requested, max_length) -> tuple[int, str | None]:
     value = max(1, max_length - 1)
     return value, (f"max_new_tokens defaults to {value}: requests may hold {max_length} "
                    f"tokens in all")
+
+
+# ------------------------------------------------------------------- evaluation
+DEFAULT_EVAL_CONTEXT = 1024            # tokens per scoring window (gemma-keras eval)
+EVAL_LOGITS_PER_RUN = 1 << 27          # float32 logits one scoring run may hold (512 MiB)
+MAX_EVAL_BATCH = 32
+
+
+def eval_context(requested, max_length) -> int:
+    """Tokens per scoring window: `requested`, or 1024 clamped to the longest sequence the
+    runtime scores (`max_length`: the model's context, the TFLite cache; None: unknown)."""
+    if requested is not None:
+        return int(requested)
+    return DEFAULT_EVAL_CONTEXT if max_length is None else min(DEFAULT_EVAL_CONTEXT,
+                                                                int(max_length))
+
+
+def eval_batch_size(requested, context, vocab_size) -> int:
+    """Sequences per scoring run: `requested`, or as many windows of `context` tokens as
+    keep the logits [batch, context, vocab] within 512 MiB (1 to 32)."""
+    if requested is not None:
+        return int(requested)
+    return max(1, min(MAX_EVAL_BATCH, EVAL_LOGITS_PER_RUN // (int(context) * int(vocab_size))))
