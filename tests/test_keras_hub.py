@@ -183,19 +183,26 @@ def test_cli_round_trip_preset_is_bit_identical(cli_round_trip, preset, hub_mode
     assert (hub_dir / spm).read_bytes() == (preset / spm).read_bytes()
     loaded = keras_hub.models.GemmaCausalLM.from_preset(str(hub_dir))
     assert_same_weights(loaded.backbone, hub_model.backbone)
-    assert loaded.generate(PROMPTS[:1], max_length=MAX_LENGTH, stop_token_ids=None) == \
-        hub_model.generate(PROMPTS[:1], max_length=MAX_LENGTH, stop_token_ids=None)
+    assert loaded.preprocessor.tokenizer.proto == hub_model.preprocessor.tokenizer.proto
+
+
+@pytest.fixture(scope="module")
+def hidden_norm_preset(hidden_norm_pair, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hidden_norm") / "preset"
+    hidden_norm_pair[0].save_to_preset(str(directory))
+    return directory
 
 
 def test_preset_to_hf_checkpoint_matches_keras_hub_in_transformers(
-        preset, hub_model, padded_batch, tmp_path):
+        hidden_norm_preset, hidden_norm_pair, padded_batch, tmp_path):
+    """keras-hub's query scale (not the one its flag asks for) reaches transformers."""
     from conftest import torch_logits
     from transformers import Gemma2ForCausalLM
 
-    summary = convert_keras_hub_to_keras(preset, tmp_path / "keras")
-    assert ("query scale kept" in summary.line()) == bool(
-        not hub_model.backbone.query_head_dim_normalize
-        and hub_model.backbone.transformer_layers[0].attention.query_head_dim_normalize)
+    hub_model = hidden_norm_pair[0]
+    summary = convert_keras_hub_to_keras(hidden_norm_preset, tmp_path / "keras")
+    assert ("query scale kept" in summary.line()) == \
+        hub_model.backbone.transformer_layers[0].attention.query_head_dim_normalize
     convert_keras_to_hf(tmp_path / "keras", tmp_path / "hf")
     hf = Gemma2ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids, mask = padded_batch
@@ -204,7 +211,7 @@ def test_preset_to_hf_checkpoint_matches_keras_hub_in_transformers(
 
 # ------------------------------------------------------------------------------ refusals
 @pytest.fixture(scope="module")
-def refused_presets(tiny_tokenizer, preset, tmp_path_factory):
+def refused_presets(tiny_tokenizer, hidden_norm_preset, tmp_path_factory):
     """Name -> (preset directory, words the error must contain)."""
     root = tmp_path_factory.mktemp("refused")
     gemma1 = make_hub_model(tiny_tokenizer.proto_path, True, use_post_ffw_norm=False,
@@ -215,10 +222,10 @@ def refused_presets(tiny_tokenizer, preset, tmp_path_factory):
                                            num_key_value_heads=1, hidden_dim=8,
                                            intermediate_dim=16)
     llama.save_to_preset(str(root / "llama"))
-    shutil.copytree(preset, root / "truncated")
+    shutil.copytree(hidden_norm_preset, root / "truncated")
     weights = root / "truncated" / "model.weights.h5"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    shutil.copytree(preset, root / "no_tokenizer")
+    shutil.copytree(hidden_norm_preset, root / "no_tokenizer")
     (root / "no_tokenizer" / "assets" / "tokenizer" / "vocabulary.spm").unlink()
     return {
         "gemma1": (root / "gemma1", ["Gemma 1", "use_post_ffw_norm=False"]),
