@@ -417,3 +417,17 @@ def test_cli_passes_arguments_to_export(hf_checkpoint, tiny_tokenizer, tmp_path,
     assert Path(model.tokenizer.proto_path) == model_dir / "tokenizer.model"
     assert kw == {"version": 7, "tokenizer_path": None, "max_length": 24,
                   "max_new_tokens": 4, "max_shard_size": 64_000}
+
+    from gemma_keras.serving.batching import InGraphBatching
+
+    calls.clear()
+    assert main(["export-saved-model", "--model", str(model_dir), "--out", str(base),
+                 "--batching", "--xla", "--in-graph-batching", "--max-batch-size", "4",
+                 "--allowed-batch-sizes", "2,4", "--batch-timeout-micros", "500"]) == 0
+    (_, _, kw), = calls
+    assert kw["batching"] is True and kw["xla"] is True
+    assert kw["in_graph_batching"] == InGraphBatching(
+        max_batch_size=4, batch_timeout_micros=500, allowed_batch_sizes=(2, 4))
+    assert main(["export-saved-model", "--model", str(model_dir), "--out", str(base),
+                 "--in-graph-batching", "--max-batch-size", "4",
+                 "--allowed-batch-sizes", "2,3"]) == 1  # must end with max_batch_size

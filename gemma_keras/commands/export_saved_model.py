@@ -7,6 +7,15 @@ def _size(text):
     return parse_size(text)
 
 
+def _sizes(text):
+    import argparse
+
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,2,4,8, got {text!r}")
+
+
 def register(subparsers):
     p = subparsers.add_parser(
         "export-saved-model", help="export a model as a SavedModel for TensorFlow Serving",
@@ -34,6 +43,26 @@ def register(subparsers):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype the model is loaded and served in (default: float32 for a "
                         "Hugging Face directory, the saved dtype otherwise)")
+    g = p.add_argument_group("concurrent requests and XLA (see docs/serving.md)")
+    g.add_argument("--batching", action="store_true",
+                   help="every serving_default input is [batch] and required (no defaults), "
+                        "for tensorflow_model_server --enable_batching")
+    g.add_argument("--in-graph-batching", action="store_true",
+                   help="merge concurrent requests inside the graph (BatchFunction op), in "
+                        "any server")
+    g.add_argument("--max-batch-size", type=int, default=8,
+                   help="in-graph batching: most prompts per batched run (default: 8)")
+    g.add_argument("--batch-timeout-micros", type=int, default=20_000,
+                   help="in-graph batching: how long a request waits for others "
+                        "(default: 20000)")
+    g.add_argument("--allowed-batch-sizes", type=_sizes, default=(), metavar="N,N,...",
+                   help="in-graph batching: sizes a batch is padded to, ending with "
+                        "--max-batch-size (default: powers of two, then it)")
+    g.add_argument("--num-batch-threads", type=int, default=1,
+                   help="in-graph batching: batches run in parallel (default: 1)")
+    g.add_argument("--xla", action="store_true",
+                   help="XLA-compile the prefill and decode step (serve with "
+                        "--xla_cpu_compilation_enabled=true)")
     p.set_defaults(func=run)
 
 
@@ -60,6 +89,14 @@ def run(args):
         print(f"note: {note}", file=sys.stderr)
     options = {k: v for k, v in (("max_new_tokens", args.max_new_tokens),
                                  ("max_shard_size", args.max_shard_size)) if v is not None}
+    if args.in_graph_batching:
+        from gemma_keras.serving.batching import InGraphBatching
+
+        options["in_graph_batching"] = InGraphBatching(
+            max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
+            allowed_batch_sizes=args.allowed_batch_sizes,
+            num_batch_threads=args.num_batch_threads)
+    options.update({k: True for k in ("batching", "xla") if getattr(args, k)})
     path = export_saved_model(model, args.out, version=args.version,
                               tokenizer_path=tokenizer, max_length=args.max_length,
                               **options)
