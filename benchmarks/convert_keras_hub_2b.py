@@ -1,0 +1,157 @@
+"""A random full-size Gemma 2 2B bfloat16 keras-hub preset -> gemma-keras -> keras-hub; print a
+table.
+
+Each phase runs in its own process so its peak resident memory (VmHWM) is its own:
+  write     a gemma-keras 2B model with random bfloat16 weights written as a keras-hub preset
+            (`write_preset`: what `gemma-keras convert --to keras-hub` runs after loading)
+  to_keras  `convert_keras_hub_to_keras(preset, ...)` (`gemma-keras convert PRESET OUT`)
+  to_hub    `convert_keras_to_keras_hub(...)` back (`gemma-keras convert --to keras-hub`)
+  compare   every tensor of the round trip's model.weights.h5 against the preset's, bit for bit
+
+Run alone (it needs ~8 GB of memory and ~16 GB of disk):
+    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/convert_keras_hub_2b.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import machine
+from convert_2b import DTYPE, PRESET, peak_rss_bytes
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def phase_write(work):
+    import ml_dtypes
+    import numpy as np
+
+    from gemma_keras.config import Gemma2Config
+    from gemma_keras.converters.files import attach_tokenizer
+    from gemma_keras.converters.keras_hub import write_preset
+    from gemma_keras.converters.streaming import (assign_rows, empty_causal_lm,
+                                                  rows_per_block)
+
+    model = empty_causal_lm(Gemma2Config.preset(PRESET), dtype=DTYPE)
+    # Normal values drawn once; each block is a slice at a random offset, so every tensor
+    # differs (a mix-up shows in the comparison) at memcpy speed.
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(2**26, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        rows = rows_per_block(shape, 2)
+        for start in range(0, shape[0], rows):
+            n = min(rows, shape[0] - start)
+            offset = int(rng.integers(0, pool.size - n * row))
+            assign_rows(variable, start, pool[offset:offset + n * row].reshape((n,) + shape[1:]))
+    # the bundled tiny model's tokenizer stands in for Gemma's (only its file is copied)
+    import gemma_keras
+
+    attach_tokenizer(model, os.path.join(os.path.dirname(gemma_keras.__file__), "assets", "tiny"))
+    out = os.path.join(work, "preset")
+    os.makedirs(out)
+    start = time.perf_counter()
+    hub, notes, nbytes = write_preset(model, out)
+    return {"tensors": len(model.weights), "bytes": nbytes,
+            "write_seconds": time.perf_counter() - start}
+
+
+def phase_to_keras(work):
+    from gemma_keras.converters.keras_hub import convert_keras_hub_to_keras
+
+    s = convert_keras_hub_to_keras(os.path.join(work, "preset"), os.path.join(work, "keras"))
+    return {"tensors": s.tensors, "bytes": s.bytes}
+
+
+def phase_to_hub(work):
+    from gemma_keras.converters.keras_hub import convert_keras_to_keras_hub
+
+    s = convert_keras_to_keras_hub(os.path.join(work, "keras"), os.path.join(work, "hub_back"))
+    return {"tensors": s.tensors, "bytes": s.bytes}
+
+
+def phase_compare(work):
+    from gemma_keras.converters.keras_hub_layout import WeightsFile
+
+    files = [os.path.join(work, d, "model.weights.h5") for d in ("preset", "hub_back")]
+    with WeightsFile(files[0]) as a, WeightsFile(files[1]) as b:
+        if sorted(a.datasets) != sorted(b.datasets):
+            return {"identical": False, "why": "different tensors"}
+        for layer in a.datasets:
+            x, y = a.dataset(layer), b.dataset(layer)
+            if x.shape != y.shape or dict(x.attrs) != dict(y.attrs):
+                return {"identical": False, "why": layer}
+            for start in range(0, x.shape[0], 4096):
+                if x[start:start + 4096].tobytes() != y[start:start + 4096].tobytes():
+                    return {"identical": False, "why": layer}
+    for name in ("config.json", "task.json", "tokenizer.json", "preprocessor.json"):
+        texts = [json.load(open(os.path.join(work, d, name))) for d in ("preset", "hub_back")]
+        if texts[0] != texts[1]:
+            return {"identical": False, "why": name}
+    return {"identical": True, "tensors": len(a.datasets)}
+
+
+PHASES = {"write": phase_write, "to_keras": phase_to_keras, "to_hub": phase_to_hub,
+          "compare": phase_compare}
+
+
+def run_phase(name, work) -> dict:
+    """Run one phase in a fresh interpreter; its last stdout line is a JSON result."""
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--work", work],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"phase {name} failed ({proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=sorted(PHASES))
+    parser.add_argument("--work", help="working directory (default: a new temp dir)")
+    args = parser.parse_args()
+    if args.phase:
+        start = time.perf_counter()
+        result = PHASES[args.phase](args.work)
+        result.update(seconds=time.perf_counter() - start, peak_rss=peak_rss_bytes())
+        print(json.dumps(result))
+        return
+
+    from gemma_keras.config import Gemma2Config
+
+    model_bytes = Gemma2Config.preset(PRESET).num_parameters() * 2
+    work = args.work or tempfile.mkdtemp(prefix="convert_keras_hub_2b.",
+                                         dir=os.environ.get("TMPDIR"))
+    rows = []
+    try:
+        for name in ("write", "to_keras", "to_hub", "compare"):
+            r = run_phase(name, work)
+            rows.append((name, r))
+            print(f"{name}: {r}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n# {machine.describe()}")
+    print(f"\n{PRESET} as a keras-hub preset, {DTYPE}, model bytes {model_bytes / 1e9:.2f} GB "
+          f"(target peak RSS of to_keras < 1.5x = {1.5 * model_bytes / 1e9:.2f} GB)\n")
+    print("| phase | seconds | peak RSS GB | peak / model bytes | result |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in rows:
+        result = ("bit-identical, JSON files equal" if r.get("identical")
+                  else f"DIFFERENT ({r.get('why')})") if name == "compare" \
+            else f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
+        if name == "write":
+            result += f" (random fill, then {r['write_seconds']:.1f} s writing the preset)"
+        print(f"| {name} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | "
+              f"{r['peak_rss'] / model_bytes:.2f} | {result} |")
+
+
+if __name__ == "__main__":
+    main()
