@@ -280,8 +280,12 @@ def _return_freed_memory():
         pass
 
 
-def _convert(saved_model_dir, signature_keys, quantize):
-    """TensorFlow's converter on the SavedModel: builtin ops only, one copy of each weight."""
+def _convert(saved_model_dir, signature_keys, quantize, placeholders=False):
+    """TensorFlow's converter on the SavedModel: builtin ops only, one copy of each weight.
+
+    `placeholders`: the weights are splat constants (`template.py`); each stays a FILL op
+    instead of a stored tensor, and float constants are not scanned for infinities (the scan
+    visits every element of a splat: minutes at 2B; the graph holds no infinite constant)."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(
@@ -294,6 +298,9 @@ def _convert(saved_model_dir, signature_keys, quantize):
     # copy of that weight (for the output head: a second copy of the tied embedding).
     converter._experimental_disable_fuse_mul_and_fc = True
     converter._experimental_use_buffer_offset = True  # files over 2 GB
+    if placeholders:
+        converter._experimental_unfold_large_splat_constant = True
+        converter.canonicalizing_inf_as_min_max_float = False
     if quantize == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]

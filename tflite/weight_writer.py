@@ -1,0 +1,395 @@
+"""Stream a model's weights into a template `.tflite` file (`template.py`), tensor by tensor.
+
+The template holds each weight matrix as a FILL of its placeholder value (a stored splat
+constant on small models). This module turns each into a stored tensor shared by every
+signature, as TensorFlow's converter stores a weight, and writes the file with the checkpoint's
+values in one of the converter's own encodings:
+
+- "none": float32;
+- "fp16": float16 (from a template converted with `quantize="fp16"`, whose DEQUANTIZE ops
+  are the converter's own);
+- "dynamic_int8": the converter's dynamic-range int8: symmetric, one float32 scale per tensor
+  (max |w| / 127), FULLY_CONNECTED at version 9 with `asymmetric_quantize_inputs`, and each
+  table GATHER reading int8 rows into a DEQUANTIZE.
+
+The other quantizations start from the "dynamic_int8" file (`requantize.py`). Which checkpoint
+tensor each stored weight holds is recorded in the file's metadata `gemma_keras_weights`
+(`read_weight_map`), so later passes find weights by name, not by value.
+
+Memory: one block of rows of one weight at a time (16 MB of float32), plus the template;
+the output keeps its buffers after the flatbuffer (16-byte aligned offsets), like the
+converter's large-model files, and is written under a temporary name and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gemma_keras.tflite.requantize import (_TFLiteFile, _copy, _opcode_name, _pack_with_offsets,
+                                           _pad)
+
+WEIGHT_MAP_METADATA = "gemma_keras_weights"
+ENCODINGS = ("none", "fp16", "dynamic_int8")
+_CHUNK_BYTES = 16 << 20
+# The versions TensorFlow's converter gives the ops it quantizes in "dynamic_int8" (from
+# TFLite's op_version.cc: hybrid FULLY_CONNECTED with asymmetric inputs, int8 GATHER and
+# DEQUANTIZE).
+_INT8_VERSIONS = {"FULLY_CONNECTED": 9, "GATHER": 2, "DEQUANTIZE": 2}
+
+
+@dataclasses.dataclass
+class StoredWeight:
+    """One weight matrix of the file: its checkpoint tensor, stored buffer and readers."""
+
+    name: str  # the checkpoint (Hugging Face) tensor name
+    factor: float  # the graph stores `factor * checkpoint values`
+    buffer: int
+    shape: tuple
+    uses: list = dataclasses.field(default_factory=list)  # (subgraph, tensor index)
+    scale: float | None = None  # "dynamic_int8": the tensor's int8 step
+
+
+def write_weights(template_path, placeholders, source, encoding, out_path, progress=False):
+    """Write `out_path`: the template `template_path` with `source`'s weights in `encoding`.
+
+    `placeholders`: `{hf_name: template.Placeholder}` the template was traced with;
+    `source`: a `weight_sources.WeightSource`. Returns the output path. Raises ValueError
+    when a placeholder is missing from the template or a weight from the source.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
+    out_path = Path(out_path)
+    with _TFLiteFile(template_path) as template:
+        model = template.unpack()
+        weights, splats = _find_placeholders(template, model, placeholders)
+        _store_weights(model, weights)
+        if encoding == "dynamic_int8":
+            for weight in weights.values():
+                weight.scale = _int8_scale(source, weight)
+            _quantize_int8(model, weights)
+        referenced = _drop_unused(model)
+        _add_weight_map(model, weights, encoding)
+        _write(out_path, template, model, referenced, weights, splats, source, encoding,
+               progress)
+    return out_path
+
+
+def read_weight_map(path):
+    """`{buffer index: {"tensor": hf_name, "factor": f}}` recorded in a file's metadata, or
+    None for a file written without it."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = Path(path).read_bytes() if os.path.getsize(path) < (64 << 20) else None
+    with _TFLiteFile(path) as f:
+        root = f.root
+        for i in range(root.MetadataLength()):
+            entry = root.Metadata(i)
+            if entry.Name() == WEIGHT_MAP_METADATA.encode():
+                position, size = f.span(entry.Buffer())
+                raw = data[position:position + size] if data else os.pread(f.fileno(), size,
+                                                                            position)
+                return {int(k): v for k, v in json.loads(raw)["buffers"].items()}
+    del schema
+    return None
+
+
+# ------------------------------------------------------------------ finding placeholders
+def _find_placeholders(template, model, placeholders):
+    """`({hf_name: StoredWeight}, {buffer: (value, dtype)})`: the weights the template's
+    FILL ops (or splat buffers) stand for, and the other constant FILLs, which become stored
+    splats as the converter would have stored them."""
+    schema = template.schema
+    by_value = {}
+    for p in placeholders.values():
+        from gemma_keras.tflite.template import table_value
+
+        for dtype in (np.float32, np.float16):
+            by_value[(np.dtype(dtype).str, dtype(table_value(p)).tobytes())] = p
+    weights, splats = {}, {}
+    fill = schema.BuiltinOperator.FILL
+    types = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16}
+    for s, subgraph in enumerate(model.subgraphs):
+        for op in list(subgraph.operators):
+            if _builtin(model, op) != fill:
+                continue
+            shape_t, value_t = (subgraph.tensors[i] for i in op.inputs)
+            if not (_stored(model, shape_t) and _stored(model, value_t)):
+                continue  # a FILL of a computed shape or value: part of the graph
+            out = int(op.outputs[0])
+            dtype = types.get(value_t.type)
+            value = _read_value(template, value_t, dtype) if dtype else None
+            p = by_value.get((np.dtype(dtype).str, value.tobytes())) if dtype else None
+            subgraph.operators.remove(op)
+            if p is None:  # a large splat constant of the graph itself
+                buffer = subgraph.tensors[out].buffer
+                splats[buffer] = (template.read(*template.span(value_t.buffer),
+                                                np.uint8).tobytes(),
+                                  int(np.prod(subgraph.tensors[out].shape)))
+                continue
+            _add_use(weights, p, subgraph.tensors[out], (s, out))
+        for t, tensor in enumerate(subgraph.tensors):  # small weights stay stored splats
+            dtype = types.get(tensor.type)
+            if dtype is None or not _stored(model, tensor) or len(tensor.shape) != 2:
+                continue
+            position, nbytes = template.span(tensor.buffer)
+            first = template.read(position, 1, dtype)
+            p = by_value.get((np.dtype(dtype).str, first.tobytes()))
+            if p is not None and tuple(tensor.shape) == p.shape:
+                if np.any(template.read(position, nbytes // first.itemsize, dtype) != first):
+                    continue
+                _add_use(weights, p, tensor, (s, t))
+    missing = sorted(set(placeholders) - set(weights))
+    if missing:
+        raise ValueError(f"{template.path}: the template has no tensor for {missing}")
+    return weights, splats
+
+
+def _add_use(weights, placeholder, tensor, use):
+    if tuple(int(d) for d in tensor.shape) != placeholder.shape:
+        raise ValueError(f"the placeholder of {placeholder.name} has shape "
+                         f"{list(tensor.shape)}, expected {list(placeholder.shape)}")
+    weight = weights.get(placeholder.name)
+    if weight is None:
+        weight = weights[placeholder.name] = StoredWeight(
+            placeholder.name, placeholder.factor, tensor.buffer, placeholder.shape)
+    weight.uses.append(use)
+
+
+def _read_value(template, tensor, dtype):
+    position, nbytes = template.span(tensor.buffer)
+    return template.read(position, 1, dtype) if nbytes == np.dtype(dtype).itemsize else None
+
+
+def _builtin(model, op):
+    code = model.operatorCodes[op.opcodeIndex]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def _stored(model, tensor):
+    buffer = model.buffers[tensor.buffer]
+    return tensor.buffer > 0 and (buffer.size > 0 or buffer.data is not None)
+
+
+# ------------------------------------------------------------------ rewriting the graph
+def _store_weights(model, weights):
+    """Every use of a weight reads one buffer, named after its checkpoint tensor."""
+    for weight in weights.values():
+        for s, t in weight.uses:
+            tensor = model.subgraphs[s].tensors[t]
+            tensor.buffer = weight.buffer
+            tensor.name = weight.name.encode()
+
+
+def _int8_scale(source, weight):
+    """The converter's per-tensor int8 step: max |w| / 127 in float32."""
+    peak = np.float32(0)
+    for values in _blocks(source, weight):
+        peak = max(peak, np.float32(np.abs(values).max()))
+    return float(np.float32(peak) / np.float32(127))
+
+
+def _quantize_int8(model, weights):
+    """Retype the weights to int8 and rewrite their readers as the converter's
+    "dynamic_int8" conversion writes them."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buffers = {w.buffer: w for w in weights.values()}
+    for weight in weights.values():
+        for s, t in weight.uses:
+            tensor = model.subgraphs[s].tensors[t]
+            tensor.type = schema.TensorType.INT8
+            tensor.quantization = _per_tensor(weight.scale)
+    wanted = {}
+    for subgraph in model.subgraphs:
+        for op in list(subgraph.operators):
+            kind = _opcode_name(model, op)
+            inputs = [int(i) for i in op.inputs]
+            if kind == "FULLY_CONNECTED" and subgraph.tensors[inputs[1]].buffer in buffers:
+                op.builtinOptions.asymmetricQuantizeInputs = True
+                wanted[id(op)] = "FULLY_CONNECTED"
+            elif kind == "GATHER" and subgraph.tensors[inputs[0]].buffer in buffers:
+                table = subgraph.tensors[inputs[0]]
+                _dequantize_output(model, subgraph, op, table)
+                wanted[id(op)] = "GATHER"
+    _set_versions(model, wanted)
+
+
+def _per_tensor(scale):
+    from ai_edge_litert import schema_py_generated as schema
+
+    q = schema.QuantizationParametersT()
+    q.scale, q.zeroPoint, q.quantizedDimension = [scale], [0], 0
+    return q
+
+
+def _dequantize_output(model, subgraph, op, table):
+    """GATHER of an int8 table outputs int8 rows; a DEQUANTIZE after it gives the float32
+    tensor the graph reads."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    out = int(op.outputs[0])
+    rows = schema.TensorT()
+    float_rows = subgraph.tensors[out]
+    rows.name, rows.shape, rows.type = float_rows.name, list(float_rows.shape), table.type
+    rows.quantization = _per_tensor(table.quantization.scale[0])
+    rows.buffer = len(model.buffers)
+    model.buffers.append(schema.BufferT())
+    subgraph.tensors.append(rows)
+    op.outputs = [len(subgraph.tensors) - 1]
+    dequantize = schema.OperatorT()
+    dequantize.opcodeIndex = _opcode_index(model, schema.BuiltinOperator.DEQUANTIZE)
+    dequantize.inputs, dequantize.outputs = [len(subgraph.tensors) - 1], [out]
+    subgraph.operators.insert(subgraph.operators.index(op) + 1, dequantize)
+
+
+def _opcode_index(model, builtin):
+    from ai_edge_litert import schema_py_generated as schema
+
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode = builtin, min(builtin, 127)
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _set_versions(model, wanted):
+    """One op code per operator, at the version its quantized form needs."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    kinds = set(wanted.values()) | ({"DEQUANTIZE"} if "GATHER" in wanted.values() else set())
+    for code in model.operatorCodes:
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        for name in kinds:
+            if builtin == getattr(schema.BuiltinOperator, name):
+                code.version = max(code.version, _INT8_VERSIONS[name])
+
+
+def _drop_unused(model):
+    """Drop op codes no op uses, tensors no op, input or output reads (the FILLs' shapes and
+    values), and the data of buffers no tensor points at."""
+    used_codes = sorted({op.opcodeIndex for sg in model.subgraphs for op in sg.operators})
+    remap = {old: new for new, old in enumerate(used_codes)}
+    model.operatorCodes = [model.operatorCodes[i] for i in used_codes]
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            op.opcodeIndex = remap[op.opcodeIndex]
+    for s, subgraph in enumerate(model.subgraphs):
+        used = {int(i) for op in subgraph.operators for i in list(op.inputs) + list(op.outputs)
+                if i >= 0}
+        used |= {int(i) for i in subgraph.inputs} | {int(i) for i in subgraph.outputs}
+        keep = [t for t in range(len(subgraph.tensors)) if t in used]
+        index = {old: new for new, old in enumerate(keep)}
+        subgraph.tensors = [subgraph.tensors[t] for t in keep]
+        for op in subgraph.operators:
+            op.inputs = [index[int(i)] if i >= 0 else -1 for i in op.inputs]
+            op.outputs = [index[int(i)] for i in op.outputs]
+        subgraph.inputs = [index[int(i)] for i in subgraph.inputs]
+        subgraph.outputs = [index[int(i)] for i in subgraph.outputs]
+        for signature in model.signatureDefs or []:
+            if signature.subgraphIndex == s:
+                for entry in list(signature.inputs or []) + list(signature.outputs or []):
+                    entry.tensorIndex = index[int(entry.tensorIndex)]
+    referenced = {t.buffer for sg in model.subgraphs for t in sg.tensors}
+    referenced |= {m.buffer for m in model.metadata or []}
+    for i, buffer in enumerate(model.buffers):
+        if i not in referenced:
+            buffer.data, buffer.offset, buffer.size = None, 0, 0
+    return referenced
+
+
+def _add_weight_map(model, weights, encoding):
+    from ai_edge_litert import schema_py_generated as schema
+
+    record = {"encoding": encoding,
+              "buffers": {str(w.buffer): {"tensor": w.name, "factor": w.factor}
+                          for w in sorted(weights.values(), key=lambda w: w.buffer)}}
+    buffer = schema.BufferT()
+    buffer.data = json.dumps(record, separators=(",", ":")).encode()
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = WEIGHT_MAP_METADATA.encode(), len(model.buffers)
+    model.buffers.append(buffer)
+    model.metadata = list(model.metadata or []) + [entry]
+
+
+# ------------------------------------------------------------------ writing
+def _blocks(source, weight):
+    """The graph's values of `weight` (checkpoint rows times its factor), float32, in blocks."""
+    rows, cols = weight.shape
+    step = max(1, _CHUNK_BYTES // (4 * cols))
+    for start in range(0, rows, step):
+        values = source.rows(weight.name, start, min(start + step, rows))
+        if weight.factor != 1.0:
+            values = values * np.float32(weight.factor)
+        yield values
+
+
+def _encoded_blocks(source, weight, encoding):
+    for values in _blocks(source, weight):
+        if encoding == "fp16":
+            yield values.astype(np.float16)
+        elif encoding == "dynamic_int8":
+            # The converter divides in double precision and rounds half away from zero.
+            q = values.astype(np.float64) / np.float64(weight.scale)
+            q = np.sign(q) * np.floor(np.abs(q) + 0.5)
+            yield np.clip(q, -127, 127).astype(np.int8)
+        else:
+            yield values
+
+
+def _weight_nbytes(weight, encoding):
+    itemsize = {"none": 4, "fp16": 2, "dynamic_int8": 1}[encoding]
+    return int(np.prod(weight.shape)) * itemsize
+
+
+def _write(out_path, template, model, referenced, weights, splats, source, encoding,
+           progress):
+    from tqdm import tqdm
+
+    by_buffer = {w.buffer: w for w in weights.values()}
+    inline = {m.buffer for m in model.metadata or []}
+    in_template = template.root.BuffersLength()
+    order = []
+    for index in range(len(model.buffers)):
+        if index in inline or index not in referenced:
+            continue
+        if index in by_buffer:
+            order.append((index, _weight_nbytes(by_buffer[index], encoding)))
+        elif index in splats:
+            value, count = splats[index]
+            order.append((index, len(value) * count))
+        elif index < in_template and template.span(index)[1]:
+            order.append((index, template.span(index)[1]))
+    head = _pack_with_offsets(model, order)
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    bar = tqdm(total=len(weights), desc=f"weights ({encoding})", unit="tensor",
+               disable=not progress)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for index, size in order:
+                _pad(f)
+                if index in by_buffer:
+                    for block in _encoded_blocks(source, by_buffer[index], encoding):
+                        f.write(block.tobytes())
+                    bar.update(1)
+                elif index in splats:
+                    value, count = splats[index]
+                    f.write(value * count)
+                else:
+                    _copy(template, index, f)
+                if f.tell() != model.buffers[index].offset + size:
+                    raise AssertionError(f"buffer {index}: wrote {f.tell()} bytes")
+            _pad(f)
+        os.replace(tmp, out_path)
+    finally:
+        bar.close()
+        if tmp.exists():
+            tmp.unlink()
