@@ -165,6 +165,7 @@ def lora_runs():
     return results
 
 
+@pytest.mark.trains
 def test_lora_on_int8_learns_like_lora_on_float(lora_runs):
     _, float_before, float_after, _ = lora_runs["float"]
     model, before, after, _ = lora_runs["int8"]
@@ -175,6 +176,7 @@ def test_lora_on_int8_learns_like_lora_on_float(lora_runs):
     assert after >= float_after - 0.2, (float_after, after)
 
 
+@pytest.mark.trains
 def test_int8_lora_model_saves_and_loads_as_keras_file(lora_runs, tmp_path):
     import keras
 
@@ -188,6 +190,7 @@ def test_int8_lora_model_saves_and_loads_as_keras_file(lora_runs, tmp_path):
     np.testing.assert_allclose(forward(loaded, part), forward(model, part), atol=1e-6)
 
 
+@pytest.mark.trains
 def test_merge_lora_on_int8_gives_a_float_model_that_exports(lora_runs, tmp_path):
     from gemma_keras.converters import load_hf_checkpoint, save_hf_checkpoint
     from gemma_keras.lora import load_lora_weights, save_lora_weights
