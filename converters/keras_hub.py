@@ -29,7 +29,7 @@ import numpy as np
 
 from gemma_keras.converters.convert import ConversionSummary
 from gemma_keras.converters.files import TOKENIZER_NAME, atomic_directory, attach_tokenizer
-from gemma_keras.converters.keras_dir import (MAX_SHARD_BYTES, METADATA_NAME, load_model_dir,
+from gemma_keras.converters.keras_dir import (MAX_SHARD_BYTES, METADATA_NAME, is_model_dir,
                                               read_metadata, weights_summary, write_model_dir)
 from gemma_keras.converters.keras_hub_config import (CONFIG_NAME, from_hub_config,
                                                      read_preset_config, to_hub_config)
@@ -275,14 +275,17 @@ def _sequence_length(src: Path):
 
 def convert_keras_to_keras_hub(src, out_dir, dtype=None, overwrite=False, progress=False
                                ) -> KerasHubSummary:
-    """Convert a gemma-keras model directory into a keras-hub preset directory that
-    `keras_hub.models.GemmaCausalLM.from_preset` loads (tokenizer included when the model
-    directory has one). Weights are written one tensor at a time; `dtype` defaults to the
-    saved one."""
+    """Convert a gemma-keras model directory (or a Hugging Face Gemma 2 directory) into a
+    keras-hub preset directory that `keras_hub.models.GemmaCausalLM.from_preset` loads
+    (tokenizer included when the source has one). Weights are written one tensor at a time;
+    `dtype` defaults to the saved one."""
+    from gemma_keras import pretrained
+
     start = time.perf_counter()
     src = Path(src)
-    model = load_model_dir(src)
-    setattr(model, ORIGIN_KEY, read_metadata(src).get(ORIGIN_KEY))
+    model = pretrained.load(src)
+    if is_model_dir(src):
+        setattr(model, ORIGIN_KEY, read_metadata(src).get(ORIGIN_KEY))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         hub, notes, nbytes = write_preset(model, tmp, dtype=dtype, progress=progress)
     summary = weights_summary(model)

@@ -197,7 +197,7 @@ class WeightsFile:
         if missing:
             problems.append(f"missing tensors: {missing}")
         if extra:
-            problems.append(f"unexpected tensors (LoRA adapters not merged? another model?): "
+            problems.append(f"unexpected tensors (a quantized model? another architecture?): "
                             f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
         for layer, tensor in expected.items():
             if layer not in self.datasets or "0" not in self.datasets[layer]:

@@ -26,7 +26,7 @@ def register(subparsers):
                     "--to hf (the default when SRC_DIR is a gemma-keras directory) the reverse. "
                     "A keras-hub Gemma 2 preset (save_to_preset: config.json, model.weights.h5, "
                     "tokenizer.json, assets/) also becomes a gemma-keras model directory, and "
-                    "--to keras-hub writes one from a gemma-keras directory. "
+                    "--to keras-hub writes one from a gemma-keras (or Hugging Face) directory. "
                     "OUT_DIR appears only when the conversion is complete.")
     p.add_argument("src", metavar="SRC_DIR")
     p.add_argument("out", metavar="OUT_DIR")
