@@ -89,3 +89,13 @@ def eval_batch_size(requested, context, vocab_size) -> int:
     if requested is not None:
         return int(requested)
     return max(1, min(MAX_EVAL_BATCH, EVAL_LOGITS_PER_RUN // (int(context) * int(vocab_size))))
+
+
+DEFAULT_SCORE_LEN = 64                 # TFLite score_<T> signature for export-tflite --check
+
+
+def score_lens(requested, cache_len) -> tuple[int, ...]:
+    """A TFLite export's `score_<T>` lengths: `requested`, or 64 clamped to the cache."""
+    if requested:
+        return tuple(requested)
+    return (min(DEFAULT_SCORE_LEN, int(cache_len)),)
