@@ -66,6 +66,14 @@ def register(subparsers):
     p.add_argument("--bundle", choices=("none", "litertlm"), default="none",
                    help="litertlm: also write FILE.litertlm (the .tflite, the tokenizer and "
                         "Gemma's LlmMetadata) for Google's LiteRT-LM engine")
+    p.add_argument("--score-lens", type=parse_lengths, default=None, metavar="T,T,...",
+                   help="also write score_<T> signatures (logits at every position) for "
+                        "`gemma-keras eval --tflite` (default none; 64 with --check)")
+    p.add_argument("--check", nargs="?", const="", default=None, metavar="FILE",
+                   help="after exporting, score FILE (.jsonl or .txt; default a built-in "
+                        "held-out text) with the export and the float model: perplexity, KL "
+                        "divergence, top-1 agreement, and a warning beyond the thresholds of "
+                        "docs/evaluation.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -85,16 +93,24 @@ def run(args):
         raise ValueError(f"{out.with_suffix('.litertlm')} exists; pass --overwrite to replace it")
     from gemma_keras.tiny_task import model_dir_or_tiny
 
+    if args.check:  # bad --check data fails before the export
+        from gemma_keras.evaluation.data import read_documents
+
+        read_documents(args.check)
     model_dir = Path(model_dir_or_tiny(args.model))
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # the exporter traces with TF
     args.kv_cache_max_len, args.prefill_lens = derive_lengths(
         model_dir, args.kv_cache_max_len, args.prefill_lens)
 
+    from gemma_keras import defaults
     from gemma_keras.tflite import export_tflite
 
+    score_lens = args.score_lens or ()
+    if args.check is not None:
+        score_lens = defaults.score_lens(args.score_lens, args.kv_cache_max_len)
     export_tflite(model_dir, out, quantize=args.quantize,
                   kv_cache_max_len=args.kv_cache_max_len, prefill_lens=args.prefill_lens,
-                  progress=not args.quiet)
+                  progress=not args.quiet, score_lens=score_lens)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, quantize={args.quantize}, "
           f"prefill {','.join(map(str, args.prefill_lens))})")
     tokenizer, beside = model_dir / "tokenizer.model", out.parent / "tokenizer.model"
@@ -106,4 +122,22 @@ def run(args):
 
         bundle = write_litertlm(out, tokenizer, out.with_suffix(".litertlm"))
         print(f"wrote {bundle} ({bundle.stat().st_size:,} bytes) for the LiteRT-LM engine")
+    if args.check is not None:
+        _check(args, out, model_dir, tokenizer)
     return 0
+
+
+def _check(args, out, model_dir, tokenizer):
+    """Print the export's agreement with the float model; warnings on stderr."""
+    import sys
+
+    from gemma_keras.commands.eval import format_report
+    from gemma_keras.evaluation.export_check import check_export
+
+    report = check_export(out, model_dir, data=args.check or None,
+                          tokenizer=tokenizer if tokenizer.is_file() else None,
+                          progress=not args.quiet)
+    print(f"check on the {report['data']} against the float model:")
+    print(format_report(report))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
