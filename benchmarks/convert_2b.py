@@ -123,9 +123,9 @@ PHASES = {"write": phase_write, "to_keras": phase_to_keras, "to_hf": phase_to_hf
           "compare": phase_compare}
 
 
-def run_phase(name, work) -> dict:
-    """Run one phase in a fresh interpreter; its last stdout line is a JSON result."""
-    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--work", work],
+def run_phase(name, work, script=__file__) -> dict:
+    """Run one phase of `script` in a fresh interpreter; its last stdout line is a JSON result."""
+    proc = subprocess.run([sys.executable, script, "--phase", name, "--work", work],
                           capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
@@ -133,14 +133,18 @@ def run_phase(name, work) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=sorted(PHASES))
+def phased_main(doc, script, phases, heading, describe):
+    """The command line of a phased benchmark: `--phase NAME --work DIR` runs one phase and
+    prints its JSON result (with seconds and peak RSS); without `--phase` every phase runs in
+    order, each in its own process, and a Markdown table is printed. `heading(model_bytes)`
+    is the line under the machine; `describe(name, result)` the table's last column."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--phase", choices=sorted(phases))
     parser.add_argument("--work", help="working directory (default: a new temp dir)")
     args = parser.parse_args()
     if args.phase:
         start = time.perf_counter()
-        result = PHASES[args.phase](args.work)
+        result = phases[args.phase](args.work)
         result.update(seconds=time.perf_counter() - start, peak_rss=peak_rss_bytes())
         print(json.dumps(result))
         return
@@ -148,25 +152,36 @@ def main():
     from gemma_keras.config import Gemma2Config
 
     model_bytes = Gemma2Config.preset(PRESET).num_parameters() * 2
-    work = args.work or tempfile.mkdtemp(prefix="convert_2b.", dir=os.environ.get("TMPDIR"))
+    name = os.path.splitext(os.path.basename(script))[0]
+    work = args.work or tempfile.mkdtemp(prefix=f"{name}.", dir=os.environ.get("TMPDIR"))
     rows = []
     try:
-        for name in ("write", "to_keras", "to_hf", "compare"):
-            r = run_phase(name, work)
-            rows.append((name, r))
-            print(f"{name}: {r}", file=sys.stderr)
+        for phase in phases:
+            r = run_phase(phase, work, script)
+            rows.append((phase, r))
+            print(f"{phase}: {r}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n# {machine.describe()}")
-    print(f"\n{PRESET}, {DTYPE}, model bytes {model_bytes / 1e9:.2f} GB "
-          f"(target peak RSS < 1.5x = {1.5 * model_bytes / 1e9:.2f} GB)\n")
+    print(f"\n{heading(model_bytes)}\n")
     print("| phase | seconds | peak RSS GB | peak / model bytes | result |")
     print("| --- | --- | --- | --- | --- |")
-    for name, r in rows:
-        result = ("bit-identical" if r.get("identical") else f"DIFFERENT ({r.get('why')})") \
-            if name == "compare" else f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
-        print(f"| {name} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | "
-              f"{r['peak_rss'] / model_bytes:.2f} | {result} |")
+    for phase, r in rows:
+        print(f"| {phase} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | "
+              f"{r['peak_rss'] / model_bytes:.2f} | {describe(phase, r)} |")
+
+
+def main():
+    def heading(model_bytes):
+        return (f"{PRESET}, {DTYPE}, model bytes {model_bytes / 1e9:.2f} GB "
+                f"(target peak RSS < 1.5x = {1.5 * model_bytes / 1e9:.2f} GB)")
+
+    def describe(name, r):
+        if name == "compare":
+            return "bit-identical" if r.get("identical") else f"DIFFERENT ({r.get('why')})"
+        return f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
+
+    phased_main(__doc__, __file__, PHASES, heading, describe)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,11 @@ Run alone (it needs ~8 GB of memory and ~16 GB of disk):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 
-import machine
-from convert_2b import DTYPE, PRESET, peak_rss_bytes
+from convert_2b import DTYPE, PRESET, phased_main
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -103,54 +97,22 @@ PHASES = {"write": phase_write, "to_keras": phase_to_keras, "to_hub": phase_to_h
           "compare": phase_compare}
 
 
-def run_phase(name, work) -> dict:
-    """Run one phase in a fresh interpreter; its last stdout line is a JSON result."""
-    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--work", work],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"phase {name} failed ({proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=sorted(PHASES))
-    parser.add_argument("--work", help="working directory (default: a new temp dir)")
-    args = parser.parse_args()
-    if args.phase:
-        start = time.perf_counter()
-        result = PHASES[args.phase](args.work)
-        result.update(seconds=time.perf_counter() - start, peak_rss=peak_rss_bytes())
-        print(json.dumps(result))
-        return
+    def heading(model_bytes):
+        return (f"{PRESET} as a keras-hub preset, {DTYPE}, model bytes "
+                f"{model_bytes / 1e9:.2f} GB (target peak RSS of to_keras < 1.5x = "
+                f"{1.5 * model_bytes / 1e9:.2f} GB)")
 
-    from gemma_keras.config import Gemma2Config
-
-    model_bytes = Gemma2Config.preset(PRESET).num_parameters() * 2
-    work = args.work or tempfile.mkdtemp(prefix="convert_keras_hub_2b.",
-                                         dir=os.environ.get("TMPDIR"))
-    rows = []
-    try:
-        for name in ("write", "to_keras", "to_hub", "compare"):
-            r = run_phase(name, work)
-            rows.append((name, r))
-            print(f"{name}: {r}", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"\n# {machine.describe()}")
-    print(f"\n{PRESET} as a keras-hub preset, {DTYPE}, model bytes {model_bytes / 1e9:.2f} GB "
-          f"(target peak RSS of to_keras < 1.5x = {1.5 * model_bytes / 1e9:.2f} GB)\n")
-    print("| phase | seconds | peak RSS GB | peak / model bytes | result |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, r in rows:
-        result = ("bit-identical, JSON files equal" if r.get("identical")
-                  else f"DIFFERENT ({r.get('why')})") if name == "compare" \
-            else f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
+    def describe(name, r):
+        if name == "compare":
+            return ("bit-identical, JSON files equal" if r.get("identical")
+                    else f"DIFFERENT ({r.get('why')})")
+        text = f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
         if name == "write":
-            result += f" (random fill, then {r['write_seconds']:.1f} s writing the preset)"
-        print(f"| {name} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | "
-              f"{r['peak_rss'] / model_bytes:.2f} | {result} |")
+            text += f" (random fill, then {r['write_seconds']:.1f} s writing the preset)"
+        return text
+
+    phased_main(__doc__, __file__, PHASES, heading, describe)
 
 
 if __name__ == "__main__":
