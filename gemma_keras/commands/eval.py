@@ -78,8 +78,10 @@ def format_report(report) -> str:
         return report["table"]
     lines = [f"task: {report.get('task')}"]
     for key in TEXT_FIELDS:
-        value = report.get(key, "")
-        if value == "" or (value is None and key not in report):
+        value = report.get(key)
+        if value is None and not (key.startswith("kl_") or key == "top1_agreement"):
+            continue
+        if key not in report:
             continue
         text = "n/a" if value is None else f"{value:.6g}" if isinstance(value, float) else value
         lines.append(f"{key}: {text}")

@@ -49,9 +49,9 @@ def evaluate(data=None, task="perplexity", model=None, tflite=None, saved_model=
         from gemma_keras.evaluation import harness
 
         harness.require_lm_eval()
-        scorer = _open(kind, path, tokenizer, dtype, batch_size, context)
-        return harness.run_tasks(scorer, tasks, include_path=include_path, limit=limit,
-                                 num_fewshot=num_fewshot, context=context)
+        with _open(kind, path, tokenizer, dtype, batch_size, context) as scorer:
+            return harness.run_tasks(scorer, tasks, include_path=include_path, limit=limit,
+                                     num_fewshot=num_fewshot, context=context)
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     if data is None:
@@ -70,25 +70,32 @@ def evaluate(data=None, task="perplexity", model=None, tflite=None, saved_model=
     if reference is not None:
         scorers.check_same_tokenizer(tokenizer_file, scorers.tokenizer_path("model",
                                                                             reference))
-    scorer = _open(kind, path, tokenizer, dtype, batch_size, context)
+    with _open(kind, path, tokenizer, dtype, batch_size, context) as scorer:
+        return _score(scorer, task, documents if task == "perplexity" else questions,
+                      Path(data).suffix == ".txt", reference, context, stride, batch_size,
+                      output, progress)
+
+
+def _score(scorer, task, records, whole_text, reference, context, stride, batch_size, output,
+           progress):
     if task == "choice":
         from gemma_keras.evaluation.choice import evaluate_choice
 
         return {"task": "choice", "model": scorer.name,
-                **evaluate_choice(scorer, questions, output, progress)}
+                **evaluate_choice(scorer, records, output, progress)}
     context = defaults.eval_context(context, scorer.max_length)
-    if stride is None and Path(data).suffix == ".txt":
+    if stride is None and whole_text:
         stride = context  # one long document: disjoint windows unless --stride is given
     if reference is None:
         from gemma_keras.evaluation.perplexity import perplexity
 
         return {"task": "perplexity", "model": scorer.name,
-                **perplexity(scorer, documents, context, stride, progress)}
+                **perplexity(scorer, records, context, stride, progress)}
     from gemma_keras.evaluation.agreement import agreement
 
     reference_scorer = _open("model", reference, None, "float32", batch_size, context)
     return {"task": "agreement",
-            **agreement(scorer, reference_scorer, documents, context, stride, progress)}
+            **agreement(scorer, reference_scorer, records, context, stride, progress)}
 
 
 def _open(kind, path, tokenizer, dtype, batch_size, context):

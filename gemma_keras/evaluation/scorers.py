@@ -88,6 +88,15 @@ class Scorer:
         """Greedy completion of a text prompt (for lm-evaluation-harness' generate_until)."""
         raise NotImplementedError(f"{self.name} cannot generate")
 
+    def close(self):
+        """Release the runtime now (a no-op where nothing needs it)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def check_length(self, length):
         if self.max_length is not None and length > self.max_length:
             raise ValueError(f"a sequence of {length} tokens is longer than {self.name} can "
@@ -191,6 +200,9 @@ class TFLiteScorer(Scorer):
 
     def complete(self, prompt, max_new_tokens):
         return self.runtime.generate(prompt, max_new_tokens=max_new_tokens)
+
+    def close(self):
+        self.runtime.close()
 
 
 # ----------------------------------------------------------------- SavedModel
