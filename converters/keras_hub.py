@@ -33,8 +33,8 @@ from gemma_keras.converters.keras_dir import (MAX_SHARD_BYTES, METADATA_NAME, is
                                               read_metadata, weights_summary, write_model_dir)
 from gemma_keras.converters.keras_hub_config import (CONFIG_NAME, from_hub_config,
                                                      read_preset_config, to_hub_config)
-from gemma_keras.converters.keras_hub_layout import (EMBEDDING, HubTensor, WeightsFile,
-                                                     hub_tensors)
+from gemma_keras.converters.keras_hub_layout import (EMBEDDING, HubTensor, Layout,
+                                                     WeightsFile, hub_tensors)
 from gemma_keras.converters.safetensors_io import CheckpointError
 from gemma_keras.converters.streaming import (_numpy_dtype, assign_rows, empty_causal_lm,
                                               rows_per_block, variable_rows)
@@ -72,9 +72,10 @@ def is_keras_hub_preset(directory) -> bool:
 
 # -------------------------------------------------------------------------------- in memory
 def _value_attribute(tensor: HubTensor) -> str:
+    """The keras-hub layer attribute holding the tensor (a LoRA-enabled kernel reads merged)."""
     if tensor.layer == EMBEDDING:
         return "embeddings"
-    return "scale" if tensor.layer.endswith("norm") or "normalization" in tensor.layer else "kernel"
+    return "scale" if tensor.layout is Layout.SAME else "kernel"
 
 
 def _hub_layers(backbone) -> dict:
@@ -224,7 +225,7 @@ def _fill_from_weights(model, weights: WeightsFile, tensors, progress):
     variables = _gemma_keras_variables(model)
     for tensor in tqdm(tensors, desc="keras-hub -> Keras", unit="tensor", disable=not progress):
         variable = variables[tensor.hf_name]
-        if tensor.layout.value == "same":  # rows in blocks, no copy of the whole tensor
+        if tensor.layout is Layout.SAME:  # rows in blocks, no copy of the whole tensor
             num_rows = tensor.shape[0]
             rows = rows_per_block(tensor.shape, 4)
             for start in range(0, num_rows, rows):

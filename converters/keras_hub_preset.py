@@ -32,9 +32,13 @@ def scaffold_preset(hub: dict, preprocessor, directory) -> Path:
 
     directory = Path(directory)
     scratch = Path(tempfile.mkdtemp(prefix=".scaffold.", dir=directory))
-    tiny = GemmaBackbone.from_config({**hub, **_TINY, "dtype": "float32"})
-    GemmaCausalLM(backbone=tiny, preprocessor=preprocessor, name="gemma_causal_lm"
-                  ).save_to_preset(str(scratch))
+    try:
+        tiny = GemmaBackbone.from_config({**hub, **_TINY, "dtype": "float32"})
+        GemmaCausalLM(backbone=tiny, preprocessor=preprocessor, name="gemma_causal_lm"
+                      ).save_to_preset(str(scratch))
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     for path in scratch.rglob("*"):
         relative = path.relative_to(scratch)
         if path.is_dir() or relative.name == _WEIGHTS:

@@ -141,6 +141,20 @@ def test_in_memory_round_trip_is_bit_identical(hub_model, converted):
     assert back.preprocessor.sequence_length == hub_model.preprocessor.sequence_length
 
 
+def test_lora_adapters_come_merged(tiny_tokenizer, padded_batch):
+    hub = make_hub_model(tiny_tokenizer.proto_path, True, seed=1)
+    hub.backbone.enable_lora(2)
+    rng = np.random.default_rng(2)
+    for w in hub.backbone.weights:
+        if "lora_kernel" in w.path:
+            w.assign(rng.standard_normal(tuple(w.shape)).astype("float32") * 0.3)
+    model = from_keras_hub(hub)
+    assert not any("lora" in w.path for w in model.weights)
+    ids, mask = padded_batch
+    assert_logits_close(model({"token_ids": ids, "padding_mask": mask}),
+                        hub_logits(hub, ids, mask), mask)
+
+
 def test_query_pre_attn_scalar_keras_hub_lacks_is_folded(hf_checkpoint, padded_batch):
     """A Hugging Face model whose query_pre_attn_scalar (24) is neither head_dim (16) nor
     hidden // heads (12): keras-hub computes the same logits from the folded query kernel."""

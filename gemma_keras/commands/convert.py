@@ -53,6 +53,9 @@ def run(args):
 
     if args.to == "keras-hub" or (args.to in (None, "keras") and _is_keras_hub(args.src)):
         return _run_keras_hub(args)
+    if args.to == "hf" and _is_keras_hub(args.src):
+        raise ValueError(f"{args.src} is a keras-hub preset: convert it to a gemma-keras "
+                         "directory first (gemma-keras convert PRESET DIR), then --to hf")
     to = args.to or ("hf" if convert.detect_format(args.src) == "keras" else "keras")
     function = convert.convert_keras_to_hf if to == "hf" else convert.convert_hf_to_keras
     kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
