@@ -207,6 +207,31 @@ def hidden_norm_preset(hidden_norm_pair, tmp_path_factory):
     return directory
 
 
+def test_bfloat16_preset_round_trip_is_bit_identical(tiny_tokenizer, tmp_path):
+    from gemma_keras.converters import convert_keras_to_keras_hub
+    from gemma_keras.converters.keras_hub_layout import WeightsFile
+
+    hub = make_hub_model(tiny_tokenizer.proto_path, True, seed=3)
+    bf16 = keras_hub.models.GemmaBackbone.from_config(
+        {**hub.backbone.get_config(), "dtype": "bfloat16"})
+    for a, b in zip(bf16.weights, hub.backbone.weights):
+        a.assign(b.numpy().astype(a.dtype))  # rounded to bfloat16 once, here
+    bf16.save_to_preset(str(tmp_path / "preset"))
+    hub.preprocessor.save_to_preset(str(tmp_path / "preset"))
+    summary = convert_keras_hub_to_keras(tmp_path / "preset", tmp_path / "keras")
+    assert summary.dtype == "bfloat16"
+    convert_keras_to_keras_hub(tmp_path / "keras", tmp_path / "back")
+    with WeightsFile(tmp_path / "preset" / "model.weights.h5") as a, \
+            WeightsFile(tmp_path / "back" / "model.weights.h5") as b:
+        assert sorted(a.datasets) == sorted(b.datasets)
+        for layer in a.datasets:
+            x, y = a.dataset(layer), b.dataset(layer)
+            assert x.attrs.get("dtype") == y.attrs.get("dtype") == "bfloat16", layer
+            assert x[()].tobytes() == y[()].tobytes(), layer
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
+        json.loads((tmp_path / "preset" / "config.json").read_text())
+
+
 def test_preset_to_hf_checkpoint_matches_keras_hub_in_transformers(
         hidden_norm_preset, hidden_norm_pair, padded_batch, tmp_path):
     """keras-hub's query scale (not the one its flag asks for) reaches transformers."""
