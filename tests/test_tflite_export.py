@@ -68,6 +68,60 @@ def exported(keras_lm, weights_before_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def converter_exported(keras_lm, weights_before_export, tmp_path_factory):
+    """{quantize: path} of the six exports by TensorFlow's converter with all the weights
+    (`route="converter"`), the reference of the lean route."""
+    from gemma_keras.tflite.export import export_tflite_variants
+
+    out = tmp_path_factory.mktemp("tflite_export_converter")
+    return export_tflite_variants(keras_lm, {q: out / f"model_{q}.tflite" for q in QUANTIZATIONS},
+                                  kv_cache_max_len=CACHE_LEN, prefill_lens=PREFILL_LENS,
+                                  progress=False, route="converter")
+
+
+@pytest.mark.parametrize("quantize", QUANTIZATIONS)
+def test_lean_export_equals_the_converters(exported, converter_exported, quantize):
+    """The lean route (placeholders converted, weights streamed in) writes the converter
+    route's file tensor by tensor: same signatures, operators (versions, options), tensor
+    types, shapes, quantization and stored bytes."""
+    from gemma_keras.tflite.file_compare import graph_differences
+
+    assert graph_differences(converter_exported[quantize], exported[quantize]) == []
+
+
+def test_file_compare_sees_a_different_encoding(converter_exported):
+    """The comparison behind the equality test tells float32 from fp16 and int8 files."""
+    from gemma_keras.tflite.file_compare import graph_differences
+
+    assert graph_differences(converter_exported["none"], converter_exported["fp16"])
+    assert graph_differences(converter_exported["dynamic_int8"],
+                             converter_exported["weight_only_int8"])
+
+
+def test_weight_map_names_each_stored_weight(exported, keras_lm):
+    """The lean file records which checkpoint tensor each weight buffer holds: in float32,
+    each such buffer holds that tensor's values (the table: divided by the final soft-cap)."""
+    from gemma_keras.converters.weight_map import weight_specs
+    from gemma_keras.tflite.weight_writer import read_weight_map
+
+    weight_map = read_weight_map(exported["none"])
+    specs = {s.hf_name: s.variable.numpy() for s in weight_specs(keras_lm.backbone)}
+    matrices = {name for name, v in specs.items() if v.ndim == 2}
+    assert sorted(e["tensor"] for e in weight_map.values()) == sorted(matrices)
+    data = memoryview(Path(exported["none"]).read_bytes())
+    model = schema.Model.GetRootAsModel(data, 0)
+    cap = CONFIG["final_logit_softcapping"]
+    for buffer, entry in weight_map.items():
+        expected = specs[entry["tensor"]]
+        if entry["tensor"] == "model.embed_tokens.weight":
+            assert entry["factor"] == np.float32(1 / cap)
+            expected = expected * np.float32(1 / cap)
+        b = model.Buffers(buffer)
+        stored = np.frombuffer(data, np.float32, int(b.Size()) // 4, int(b.Offset()))
+        np.testing.assert_array_equal(stored.reshape(expected.shape), expected)
+
+
+@pytest.fixture(scope="module")
 def prompt_and_reference(keras_lm):
     """A 20-token prompt and the Keras logits after each of its tokens [20, vocab]."""
     rng = np.random.default_rng(1)
@@ -200,8 +254,10 @@ def test_weights_stored_out_in_once_with_no_transpose(exported, keras_lm, quanti
             assert sum(np.array_equal(kernel, v) for _, v in buffers.values()) == 1
 
 
-def test_keras_weights_bit_identical_after_export(exported, keras_lm, weights_before_export):
-    """The export releases the Keras weights while the converter runs and restores them."""
+def test_keras_weights_bit_identical_after_export(exported, converter_exported, keras_lm,
+                                                  weights_before_export):
+    """The lean export only reads the Keras weights; the converter route releases them while
+    the converter runs and restores them."""
     after = [v.numpy() for v in keras_lm.variables]
     assert len(after) == len(weights_before_export)
     for a, b in zip(after, weights_before_export):
@@ -228,9 +284,9 @@ SMALL = {**CONFIG, "vocab_size": 512}
 
 @pytest.mark.parametrize("failing", ["_convert", "save"])
 def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
-    """An error in the converter (the weights are released by then, and read back from the
-    SavedModel's checkpoint) or in the SavedModel write (before any release) leaves the Keras
-    model as it was, and no files behind."""
+    """The converter route: an error in the converter (the weights are released by then, and
+    read back from the SavedModel's checkpoint) or in the SavedModel write (before any
+    release) leaves the Keras model as it was, and no files behind."""
     import tensorflow as tf
 
     import gemma_keras.tflite.export as export_lib
@@ -251,8 +307,9 @@ def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
     ids = np.array([[2, 5, 9, 11]])
     logits = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
     with pytest.raises(RuntimeError, match="boom"):
-        export_lib.export_tflite(lm, tmp_path / "x.tflite", kv_cache_max_len=16,
-                                 prefill_lens=(4,), progress=False)
+        export_lib.export_tflite_variants(lm, {"none": tmp_path / "x.tflite"},
+                                          kv_cache_max_len=16, prefill_lens=(4,),
+                                          progress=False, route="converter")
     for a, b in zip([v.numpy() for v in lm.variables], before):
         assert a.shape == b.shape and np.array_equal(a, b)
     again = np.asarray(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))

@@ -229,10 +229,7 @@ class _ExportWeights:
         self.tf = tf
         self.checkpoint = str(checkpoint)
         self.restore_model = restore
-        for layer in model._flatten_layers(include_self=False):
-            if getattr(layer, "lora_enabled", False):
-                raise ValueError(f"layer {layer.path!r} has LoRA adapters; merge them into the "
-                                 f"weights first (model.merge_lora()), then export")
+        refuse_lora(model)
         self.variables = [v.value for v in model.variables]
         self.released = False
 
@@ -264,6 +261,14 @@ class _ExportWeights:
                                              validate_shape=False)
             del value
         self.released = False
+
+
+def refuse_lora(model):
+    """Raise ValueError if a layer of `model` carries LoRA adapters (merge them first)."""
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(f"layer {layer.path!r} has LoRA adapters; merge them into the "
+                             f"weights first (model.merge_lora()), then export")
 
 
 def _return_freed_memory():
@@ -341,22 +346,33 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
 
 
 def export_tflite_variants(model, outputs, kv_cache_max_len=None,
-                           prefill_lens=None, progress=True, score_lens=()):
+                           prefill_lens=None, progress=True, score_lens=(), route="lean"):
     """Export several quantizations of one model, tracing it once.
 
     `outputs` maps a quantization mode to its output path, e.g.
     `{"dynamic_int8": "g8.tflite", "int4_block32": "g4.tflite"}`. Returns `{mode: Path}`.
-    The ai-edge-quantizer modes share one float32 conversion.
+
+    `route`: "lean" (the default, `lean_export.py`) converts the graph with placeholders for
+    the weights and streams them in from the model or its directory, never holding them all;
+    "converter" runs TensorFlow's converter on a SavedModel with all the weights (about twice
+    the float32 weights in memory), the reference the lean route is tested against.
     """
     if not outputs:
         raise ValueError("outputs is empty: give at least one {quantize: path}")
     for quantize in outputs:
         quantize_lib.check_quantization(quantize)
+    if route not in ("lean", "converter"):
+        raise ValueError(f"route must be 'lean' or 'converter', got {route!r}")
     _require_tensorflow_backend()
     import tensorflow as tf
 
     restore = not isinstance(model, (str, os.PathLike))  # nobody else holds a model we load
-    model = _load_model(model)
+    if route == "lean":
+        from gemma_keras.tflite import lean_export
+
+        model, source = lean_export.model_and_source(model)
+    else:
+        model = _load_model(model)
     kv_cache_max_len, prefill_lens = _check_lengths(model.config, kv_cache_max_len, prefill_lens)
     score_lens = sorted({int(t) for t in score_lens or ()})
     if score_lens and not 1 <= score_lens[0] <= score_lens[-1] <= kv_cache_max_len:
@@ -368,6 +384,12 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
     work_parent = next(iter(outputs.values())).parent
     for path in outputs.values():
         path.parent.mkdir(parents=True, exist_ok=True)
+    if route == "lean":
+        steps = _progress(progress, total=len(outputs) + 2)
+        lean_export.export_lean(model, source, outputs, kv_cache_max_len, prefill_lens,
+                                score_lens, steps)
+        steps.close()
+        return outputs
 
     # The int4 modes are requantized from the dynamic_int8 file, one weight at a time, with the
     # float32 originals read back from the SavedModel's checkpoint: no float32 conversion.

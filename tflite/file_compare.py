@@ -58,8 +58,8 @@ def _describe(path):
         def tensor(t):
             if t < 0:
                 return None
-            tensor = subgraph.tensors[t]
-            buffer = model.buffers[tensor.buffer]
+            stored = subgraph.tensors[t]
+            buffer = model.buffers[stored.buffer]
             raw = None
             if buffer.data is not None and len(buffer.data):
                 raw = np.asarray(buffer.data, np.uint8).tobytes()
@@ -67,11 +67,11 @@ def _describe(path):
                 raw = bytes(data[buffer.offset:buffer.offset + buffer.size])
             content = hashlib.sha256(raw).hexdigest()[:16] if raw is not None else \
                 made.get(t, "unset")
-            quantization = _quantization(tensor)
-            details = getattr(tensor.quantization, "details", None)
+            quantization = _quantization(stored)
+            details = getattr(stored.quantization, "details", None)
             if details is not None and getattr(details, "scales", -1) >= 0:
                 quantization = (quantization, tensor(int(details.scales)))
-            return (tensor.type, tuple(int(d) for d in tensor.shape), quantization, content)
+            return (stored.type, tuple(int(d) for d in stored.shape), quantization, content)
 
         ops = {}
         for op in subgraph.operators:

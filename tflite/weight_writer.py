@@ -52,6 +52,7 @@ class StoredWeight:
     shape: tuple
     uses: list = dataclasses.field(default_factory=list)  # (subgraph, tensor index)
     scale: float | None = None  # "dynamic_int8": the tensor's int8 step
+    peak: float | None = None  # "dynamic_int8": max |w|
 
 
 def write_weights(template_path, placeholders, source, encoding, out_path, progress=False):
@@ -177,20 +178,21 @@ def _stored(model, tensor):
 
 # ------------------------------------------------------------------ rewriting the graph
 def _store_weights(model, weights):
-    """Every use of a weight reads one buffer, named after its checkpoint tensor."""
+    """Every use of a weight reads one buffer (its tensors keep the converter's names, which
+    ai-edge-quantizer needs distinct; the checkpoint names go to the weight map)."""
     for weight in weights.values():
         for s, t in weight.uses:
-            tensor = model.subgraphs[s].tensors[t]
-            tensor.buffer = weight.buffer
-            tensor.name = weight.name.encode()
+            model.subgraphs[s].tensors[t].buffer = weight.buffer
 
 
 def _int8_scale(source, weight):
-    """The converter's per-tensor int8 step: max |w| / 127 in float32."""
+    """The converter's per-tensor int8 step, max |w| / 127 (stored as float32); sets
+    `weight.peak`, max |w|."""
     peak = np.float32(0)
     for values in _blocks(source, weight):
         peak = max(peak, np.float32(np.abs(values).max()))
-    return float(np.float32(peak) / np.float32(127))
+    weight.peak = float(peak)
+    return float(np.float32(2 * np.float64(peak) / 254))
 
 
 def _quantize_int8(model, weights):
@@ -336,8 +338,10 @@ def _encoded_blocks(source, weight, encoding):
         if encoding == "fp16":
             yield values.astype(np.float16)
         elif encoding == "dynamic_int8":
-            # The converter divides in double precision and rounds half away from zero.
-            q = values.astype(np.float64) / np.float64(weight.scale)
+            # As the converter's quantizer (UniformQuantizedValueConverter): divide by the
+            # scale in double precision, (max - min) / 254, not by the stored float32 one,
+            # and round half away from zero.
+            q = values.astype(np.float64) / (2 * np.float64(weight.peak) / 254)
             q = np.sign(q) * np.floor(np.abs(q) + 0.5)
             yield np.clip(q, -127, 127).astype(np.int8)
         else:
