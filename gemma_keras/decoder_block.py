@@ -70,6 +70,25 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         x = x + self.post_feedforward_layernorm(h)
         return x, cache
 
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Keras' remat hook, made to work on TensorFlow: `tf.recompute_grad` takes no keyword
+        arguments, so the block is recomputed as a function of `x` alone (positions and mask
+        closed over). Generation (with a cache) is never rematerialised."""
+        remat = keras.backend.backend() == "tensorflow" and self._remat_mode is not None and (
+            self._remat_mode.mode == "list_of_layers"
+            and self.name in self._remat_mode.layer_names)
+        if not remat:
+            return super().rematerialized_call(layer_call, *args, **kwargs)
+
+        def call(x, positions, mask, cache=None, cache_index=None):
+            if cache is not None:
+                return layer_call(x, positions, mask, cache=cache, cache_index=cache_index)
+            import tensorflow as tf
+
+            return tf.recompute_grad(lambda h: layer_call(h, positions, mask)[0])(x), None
+
+        return call
+
     def get_config(self):
         return {
             **super().get_config(),

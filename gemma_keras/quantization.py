@@ -201,6 +201,18 @@ def policy_map(model):
                                       for layer in layers})
 
 
+def quantized_dtype(mode="int8", source="float32"):
+    """A dtype policy that builds a `Gemma2CausalLM` with its projections and embedding
+    quantized from the start (zero weights, no float copy ever made): the way to measure or
+    fill an int8 model in the memory it will use. Per-channel int4 needs
+    `quantize(config=...)` instead (a built layer has no config)."""
+    from keras.dtype_policies import DTypePolicyMap
+
+    policy = keras.dtype_policies.get(f"{mode}_from_{source}")
+    return DTypePolicyMap(default_policy=source,
+                          policy_map={".*_proj": policy, "embed_tokens": policy})
+
+
 def dequantize(model):
     """Turn every quantized weight of `model` back into a float variable (`q / scale`), so
     that the model is a plain float Gemma 2 again (the exports need one). Frozen if the model

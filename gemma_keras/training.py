@@ -82,13 +82,9 @@ def remat_scope(config):
     >>> with remat_scope(Gemma2Config.from_json_file("config.json")):
     ...     model = Gemma2CausalLM.from_pretrained(directory)
 
-    On JAX only: TensorFlow's `recompute_grad` does not accept the keyword arguments the
-    decoder blocks are called with in a compiled step.
+    On TensorFlow the blocks do it with `tf.recompute_grad` themselves
+    (`Gemma2DecoderBlock.rematerialized_call`); on JAX with `jax.checkpoint`.
     """
-    if keras.backend.backend() == "tensorflow":
-        raise ValueError("rematerialisation (remat) needs the JAX backend "
-                         "(KERAS_BACKEND=jax): TensorFlow's recompute_grad does not take the "
-                         "keyword arguments the decoder blocks are called with")
     names = [f"decoder_block_{i}" for i in range(config.num_hidden_layers)]
     return keras.RematScope(mode="list_of_layers", layer_names=names)
 

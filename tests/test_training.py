@@ -212,3 +212,36 @@ def test_finetune_command_validates_checkpoints_and_resumes(tmp_path, capsys):
 
         finetune(tiny_task.tiny_model_dir(), data, tmp_path / "other", epochs=3, lora_rank=8,
                  checkpoint_dir=checkpoints, verbose=0)
+
+
+def test_remat_on_tensorflow_recomputes_blocks_with_the_same_logits_and_gradients():
+    """`remat_scope` on TensorFlow (the blocks wrap themselves in `tf.recompute_grad`): the
+    same logits and gradients as without it, in a compiled step."""
+    import keras
+    import tensorflow as tf
+
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.config import Gemma2Config
+    from gemma_keras.training import remat_scope
+
+    plain = Gemma2CausalLM.from_pretrained(TINY)
+    with remat_scope(Gemma2Config.from_json_file(os.path.join(TINY, "config.json"))):
+        remat = Gemma2CausalLM.from_pretrained(TINY)
+    assert all(b._remat_mode is not None for b in remat.backbone.blocks)
+    ids = np.random.default_rng(0).integers(3, plain.config.vocab_size, (2, 24)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+
+    @tf.function
+    def logits_and_grads(model):
+        with tf.GradientTape() as tape:
+            logits = model(x)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                ids, logits, from_logits=True))
+        return logits, tape.gradient(loss, model.trainable_variables)
+
+    expected, expected_grads = logits_and_grads(plain)
+    logits, grads = logits_and_grads(remat)
+    # float32: the same ops, possibly fused differently in the rewritten graph
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-6)
