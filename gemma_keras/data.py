@@ -39,8 +39,9 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------- reading
-def read_jsonl(path) -> list[tuple[str, dict]]:
-    """`[(where, record)]` for every non-blank line; `where` is "FILE line N"."""
+def read_jsonl(path, expected=_FORMS) -> list[tuple[str, dict]]:
+    """`[(where, record)]` for every non-blank line; `where` is "FILE line N". `expected`
+    names the fields a record should have (for the error on a line that is not an object)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
@@ -55,7 +56,7 @@ def read_jsonl(path) -> list[tuple[str, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object with {_FORMS}, "
+                raise DataError(f"{where}: expected a JSON object with {expected}, "
                                 f"got {type(record).__name__}")
             records.append((where, record))
     if not records:
