@@ -1,7 +1,7 @@
 """Streaming requantization of a dynamic-int8 export to int4 (`tflite/requantize.py`).
 
 A random Gemma 2 is exported once as dynamic int8 and as float32; ai-edge-quantizer turns the
-float32 file into int4 block 32, block 128 and per channel, the reference. The requantized int8
+float32 file into int4 block 32, block 128 and per channel, and int8 per channel, the reference. The requantized int8
 file must equal ai-edge-quantizer's file wherever the weights are concerned (values, scales, tensor types and quantization
 parameters, op codes, versions and options), decode the same logits, keep the tied embedding
 one tensor, and refuse bad inputs with a clear error and no file left behind.
@@ -19,7 +19,7 @@ VOCAB, HIDDEN = 2048, 128
 CONFIG = {**TINY_HF_CONFIG, "model_type": "gemma2", "vocab_size": VOCAB, "hidden_size": HIDDEN,
           "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24}
-MODES = ("int4_block32", "int4_block128", "int4_channel")
+MODES = ("int4_block32", "int4_block128", "int4_channel", "int8_channel")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,8 @@ def assert_same_weights_as(ours_path, ref_path, quantize):
             if ref_op.builtinOptions is not None:
                 assert _fields(ours_op.builtinOptions) == _fields(ref_op.builtinOptions)
             for i, j in zip(ours_op.inputs, ref_op.inputs, strict=True):
-                if j < 0 or ref_sg.tensors[j].type != schema.TensorType.INT4:
+                if j < 0 or ref_sg.tensors[j].type not in (schema.TensorType.INT4,
+                                                            schema.TensorType.INT8):
                     continue
                 a, b = ours_sg.tensors[i], ref_sg.tensors[j]
                 assert _fields(a, ("name", "buffer", "quantization")) == \
@@ -120,7 +121,7 @@ def assert_same_weights_as(ours_path, ref_path, quantize):
                     _fields(b.quantization, ("details",))
                 assert _bytes(ours_data, ours, a.buffer) == _bytes(ref_data, ref, b.buffer)
                 compared += 1
-                if quantize == "int4_channel":  # the scales are the parameters compared above
+                if quantize.endswith("_channel"):  # the scales: the parameters compared above
                     assert b.quantization.details is None and len(b.quantization.scale) == \
                         b.shape[0]
                     continue
@@ -193,10 +194,11 @@ def test_bad_inputs_are_refused_and_leave_no_file(keras_lm, exported, tmp_path):
     good = keras_weights(keras_lm)
     q_proj = "decoder_block_1/self_attn/q_proj/kernel"
     missing = {k: v for k, v in good.items() if k != q_proj}
+    # (the lean export names each weight tensor after its checkpoint tensor)
     _refused(tmp_path, int8, missing, r"no float weight matches tensor "
-             r"'decoder_block_1.*q_proj.*' \[128, 128\]")
+             r"'model.layers.1.self_attn.q_proj.weight' \[128, 128\]")
     wrong_shape = {**good, q_proj: np.zeros((HIDDEN, 96), np.float32)}
-    _refused(tmp_path, int8, wrong_shape, "no float weight matches tensor 'decoder_block_1")
+    _refused(tmp_path, int8, wrong_shape, "no float weight matches tensor 'model.layers.1")
     no_cap = {**good, "embed_tokens/embeddings": keras_lm.backbone.embed_tokens.embeddings.numpy}
     _refused(tmp_path, int8, no_cap, r"closest, 'embed_tokens/embeddings', .*final_logit")
     def broken():

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import struct
 
-QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "weight_only_int8", "int4_block32",
-                 "int4_block128", "int4_channel")
+QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "int8_channel", "weight_only_int8",
+                 "int4_block32", "int4_block128", "int4_channel")
 
 # Stored bytes per weight-matrix value of each mode, scales included (int4 blocks carry one
 # float16 scale each; "int4_channel" one float32 per row, not counted here). Norm scales
 # (vectors) stay float32, except in "fp16".
-BYTES_PER_WEIGHT = {"none": 4, "fp16": 2, "dynamic_int8": 1, "weight_only_int8": 1,
+BYTES_PER_WEIGHT = {"none": 4, "fp16": 2, "dynamic_int8": 1, "int8_channel": 1,
+                    "weight_only_int8": 1,
                     "int4_block32": 0.5 + 2 / 32, "int4_block128": 0.5 + 2 / 128,
                     "int4_channel": 0.5}
 
@@ -33,6 +34,7 @@ def weight_bytes(config, quantize):
 # ai-edge-quantizer settings: (num_bits, granularity name, weight-only?)
 AI_EDGE_RECIPES = {
     "weight_only_int8": (8, "CHANNELWISE", True),
+    "int8_channel": (8, "CHANNELWISE", False),
     "int4_block32": (4, "BLOCKWISE_32", False),
     "int4_block128": (4, "BLOCKWISE_128", False),
     "int4_channel": (4, "CHANNELWISE", False),

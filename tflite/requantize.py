@@ -64,7 +64,9 @@ from pathlib import Path
 import numpy as np
 
 # Each int4 mode's block size along a row; None: one scale per row (per channel).
-BLOCK_SIZES = {"int4_block32": 32, "int4_block128": 128, "int4_channel": None}
+BLOCK_SIZES = {"int4_block32": 32, "int4_block128": 128, "int4_channel": None,
+               "int8_channel": None}
+BITS = {"int8_channel": 8}  # the others: 4
 
 _ALIGN = 16
 _CHUNK_BYTES = 16 << 20
@@ -80,7 +82,8 @@ def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
       weights: `{name: float array or zero-argument callable returning one}` holding the
         float32 values of every int8 weight in the file (more entries are fine), in the
         layout of the file's tensor or transposed.
-      quantize: "int4_block32", "int4_block128" or "int4_channel".
+      quantize: "int4_block32", "int4_block128", "int4_channel" or "int8_channel" (int8, one
+        float32 scale per row: XNNPACK's per-channel int8 kernels).
       out_path: the output file, written under a temporary name and renamed when complete.
     Returns the output path. Raises ValueError naming the tensor when a weight is missing,
     ambiguous or does not match, and when the file is not a complete `.tflite` flatbuffer.
@@ -92,7 +95,13 @@ def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
     with _TFLiteFile(int8_path) as source:
         model = source.unpack()
         found = _find_weights(source, model, block)
-        _match_sources(source, found, weights, per_channel=block is None)
+        for weight in found.values():
+            weight.bits = BITS.get(quantize, 4)
+        weight_map = _recorded_weight_map(int8_path)
+        if weight_map is not None and all(e["tensor"] in weights for e in weight_map.values()):
+            _sources_by_name(found, weights, weight_map, per_channel=block is None)
+        else:
+            _match_sources(source, found, weights, per_channel=block is None)
         scales_buffers = _rewrite_graph(model, found, block)
         _write(out_path, source, model, found, scales_buffers, weights, block, progress)
     return out_path
@@ -144,6 +153,7 @@ class _Weight:
     source: tuple | None = None  # (name in `weights`, transposed)
     channel_scales: np.ndarray | None = None  # per-channel int4: the float32 scale of each row
     quantization: object = None  # per-channel int4: its QuantizationParametersT, shared by uses
+    bits: int = 4  # 4, or 8 for "int8_channel"
 
 
 class _TFLiteFile:
@@ -386,11 +396,38 @@ def _match_sources(source, found, weights, per_channel=False):
             raise ValueError(_missing_message(w, closest.get(w.buffer)))
         w.source = found_here[0]
         if per_channel:
-            w.channel_scales = channel_scales(row_bounds[(w.buffer, *w.source)])
+            w.channel_scales = channel_scales(row_bounds[(w.buffer, *w.source)], w.bits)
     for w in found.values():
         if per_channel and not w.int8:
             w.channel_scales = channel_scales(_row_abs_max(
-                lambda a, b: _stored_floats(source, w, a, b), w.rows, w.cols))
+                lambda a, b: _stored_floats(source, w, a, b), w.rows, w.cols), w.bits)
+
+
+def _recorded_weight_map(path):
+    """`{buffer: {"tensor": name, ...}}` the lean export recorded in `path`, or None."""
+    from gemma_keras.tflite.weight_writer import read_weight_map
+
+    return read_weight_map(path)
+
+
+def _sources_by_name(found, weights, weight_map, per_channel=False):
+    """Set `weight.source` of every int8 weight from the file's weight map (the checkpoint
+    tensor each buffer holds), instead of by value; with `per_channel`, also its
+    `channel_scales`. The writer still checks every value against the int8 data."""
+    for w in found.values():
+        if not w.int8:
+            continue
+        entry = weight_map.get(w.buffer)
+        if entry is None or entry["tensor"] not in weights:
+            name = entry and entry["tensor"]
+            raise ValueError(f"tensor {w.name!r} holds checkpoint tensor {name!r} by the file's "
+                             f"weight map, which `weights` does not have")
+        w.source = (entry["tensor"], False)
+        if per_channel:
+            view = _view(_load(weights, entry["tensor"]), w, False)
+            w.channel_scales = channel_scales(
+                _row_abs_max(lambda a, b: view[a:b], w.rows, w.cols), w.bits)
+            del view
 
 
 def _row_abs_max(rows, count, cols):
@@ -449,7 +486,7 @@ def _retype(subgraph, index, scales_buffer, weight, block):
     from ai_edge_litert import schema_py_generated as schema
 
     tensor = subgraph.tensors[index]
-    tensor.type = schema.TensorType.INT4
+    tensor.type = schema.TensorType.INT4 if weight.bits == 4 else schema.TensorType.INT8
     if block is None:
         tensor.quantization = _channel_quantization(weight)
         return
@@ -619,7 +656,7 @@ def _data_order(source, model, found, scales_buffers, block):
             continue
         if index in found:
             w = found[index]
-            order.append((index, w.rows * w.cols // 2))
+            order.append((index, w.rows * w.cols * w.bits // 8))
             if block:
                 order.append((scales_buffers[index], w.rows * (w.cols // block) * 2))
         elif source.span(index)[1]:
@@ -699,7 +736,8 @@ def _write_weight(f, source, weight, weights, block):
             values = np.ascontiguousarray(matrix[start:stop], np.float32)
             _verify(source, weight, start, values)
         if block is None:
-            f.write(quantize_int4_channelwise(values, weight.channel_scales[start:stop]).tobytes())
+            f.write(quantize_channelwise(values, weight.channel_scales[start:stop],
+                                         weight.bits).tobytes())
             continue
         packed, chunk_scales = quantize_int4_blockwise(values, block)
         f.write(packed.tobytes())
@@ -740,27 +778,31 @@ def quantize_int4_blockwise(values, block):
     return packed, scale.astype(ml_dtypes.bfloat16).astype(np.float16)
 
 
-def channel_scales(row_bounds):
-    """ai-edge-quantizer's symmetric int4 scale of each row, from each row's max |value|."""
+def channel_scales(row_bounds, bits=4):
+    """ai-edge-quantizer's symmetric scale of each row at `bits` (4 or 8), from each row's
+    max |value|."""
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
 
     bounds = np.asarray(row_bounds, np.float32)[:, None]
-    _, scale = uqt.tensor_zp_scale_from_min_max(-bounds, bounds, 4, True,
+    _, scale = uqt.tensor_zp_scale_from_min_max(-bounds, bounds, bits, True,
                                                 qtyping.QuantGranularity.CHANNELWISE)
     return np.asarray(scale, np.float32).reshape(-1)
 
 
-def quantize_int4_channelwise(values, scales):
-    """ai-edge-quantizer's dynamic int4 per-channel quantization of float32 rows [n, cols] with
-    one scale per row (`channel_scales`): returns the packed int4 bytes, as it stores them."""
+def quantize_channelwise(values, scales, bits=4):
+    """ai-edge-quantizer's dynamic per-channel quantization of float32 rows [n, cols] at
+    `bits` (4 or 8) with one scale per row (`channel_scales`): returns the bytes as it stores
+    them (int4 packed two per byte, low nibble first)."""
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
     from ai_edge_quantizer.transformations import transformation_utils
 
     scale = np.asarray(scales, np.float32)[:, None]
-    params = qtyping.UniformQuantParams(num_bits=4, quantized_dimension=0, scale=scale,
+    params = qtyping.UniformQuantParams(num_bits=bits, quantized_dimension=0, scale=scale,
                                         zero_point=np.zeros_like(scale, np.int32),
                                         symmetric=True)
     q = uqt.uniform_quantize(values, params)
+    if bits == 8:
+        return np.ravel(q).astype(np.int8)
     return transformation_utils.pack_data(4, np.ravel(q).view(np.uint8))

@@ -178,11 +178,21 @@ def _stored(model, tensor):
 
 # ------------------------------------------------------------------ rewriting the graph
 def _store_weights(model, weights):
-    """Every use of a weight reads one buffer (its tensors keep the converter's names, which
-    ai-edge-quantizer needs distinct; the checkpoint names go to the weight map)."""
+    """Every use of a weight reads one buffer through one tensor per subgraph (the template
+    may hold a FILL per reader), named after its checkpoint tensor (suffixed `_<subgraph>`
+    after the first subgraph: ai-edge-quantizer needs names unique in the file)."""
     for weight in weights.values():
+        first = {}
         for s, t in weight.uses:
-            model.subgraphs[s].tensors[t].buffer = weight.buffer
+            first.setdefault(s, t)
+        for s, t in weight.uses:
+            tensor = model.subgraphs[s].tensors[t]
+            tensor.buffer = weight.buffer
+            tensor.name = (weight.name if s == min(first) else f"{weight.name}_{s}").encode()
+            if t != first[s]:
+                for op in model.subgraphs[s].operators:
+                    op.inputs = [first[s] if int(i) == t else int(i) for i in op.inputs]
+        weight.uses = sorted(first.items())
 
 
 def _int8_scale(source, weight):
