@@ -297,9 +297,9 @@ def test_harness_rolling_and_generation_match_the_runtimes(keras_scorer, exports
 
 # --------------------------------------------------------------------- bad input
 BAD_DATA = {
-    "empty": ("perplexity", "", "the file holds no records"),
+    "empty": ("perplexity", "", "the file has no records"),
     "no_text": ("perplexity", '{"text": "a"}\n{"body": "b"}\n', "no 'text' field"),
-    "not_json": ("perplexity", '{"text": "a"}\n\n{"text": \n', "not a JSON object"),
+    "not_json": ("perplexity", '{"text": "a"}\n\n{"text": \n', "not valid JSON"),
     "answer_out_of_range": ("choice", json.dumps({"prompt": "p", "choices": ["a", "b"],
                                                   "answer": 2}) + "\n", "out of range"),
     "choices_not_a_list": ("choice", json.dumps({"prompt": "p", "choices": "ab",
@@ -320,7 +320,7 @@ def test_bad_data_is_refused_with_file_and_line_before_loading_a_model(capsys, t
     shutil.copyfile(tiny_tokenizer.proto_path, no_weights / "tokenizer.model")
     code, _, err = run_cli(capsys, "--model", no_weights, "--task", task, "--data", data)
     assert code == 1
-    where = f"{data}:{BAD_LINE[case]}:" if BAD_LINE[case] else f"{data}:"
+    where = f"{data} line {BAD_LINE[case]}:" if BAD_LINE[case] else f"{data}:"
     assert where in err and message in err, err
 
 
@@ -328,7 +328,7 @@ def test_long_document_is_refused_without_stride(capsys, model_dir, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", [{"text": "the cat"}, {"text": DOCUMENTS[0]}])
     code, _, err = run_cli(capsys, "--model", model_dir, "--data", data, "--context", 16)
     assert code == 1
-    assert f"{data}:2:" in err and "--stride" in err, err
+    assert f"{data} line 2:" in err and "--stride" in err, err
 
 
 def test_reference_with_another_tokenizer_is_refused(capsys, model_dir, data_dir):

@@ -4,24 +4,24 @@
   `.txt` file (the whole file is one document).
 - Multiple choice: a `.jsonl` file of `{"prompt": str, "choices": [str, ...], "answer": int}`.
 
-Every error is a `DataError` (a `ValueError`) that starts with `FILE:LINE:` (or `FILE:` for
-the whole file) and says what was expected.
+Lines are read by `gemma_keras.data.read_jsonl` (the fine-tuning reader); every error is its
+`DataError` (a `ValueError`), whose message starts with "FILE line N:" (or "FILE:" for the
+whole file) and says what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+from gemma_keras.data import DataError, read_jsonl
 
-class DataError(ValueError):
-    """Bad evaluation data; the message names the file and line."""
+__all__ = ["DataError", "Document", "Question", "read_documents", "read_questions"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """One document to score; `source` is "FILE:LINE" (or "FILE" for a `.txt` file)."""
+    """One document to score; `source` is "FILE line N" (or "FILE" for a `.txt` file)."""
 
     text: str
     source: str
@@ -29,7 +29,7 @@ class Document:
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    """One multiple-choice record; `source` is "FILE:LINE"."""
+    """One multiple-choice record; `source` is "FILE line N"."""
 
     prompt: str
     choices: tuple
@@ -37,37 +37,13 @@ class Question:
     source: str
 
 
-def _jsonl_records(path):
-    """Yield `(line_number, dict)` for every non-blank line of a `.jsonl` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    count = 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got "
-                                f"{type(record).__name__}")
-            count += 1
-            yield number, record
-    if count == 0:
-        raise DataError(f"{path}: the file holds no records")
-
-
-def _string(record, key, path, number, what):
+def _string(record, key, where, what):
     if key not in record:
-        raise DataError(f"{path}:{number}: the record has no {key!r} field ({what}); "
-                        f"its fields are {sorted(record)}")
+        raise DataError(f"{where}: the record has no {key!r} field ({what}); its fields are "
+                        f"{sorted(record)}")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{path}:{number}: {key!r} must be a string, got "
-                        f"{type(value).__name__}")
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -85,11 +61,11 @@ def read_documents(path) -> list[Document]:
         raise DataError(f"{path}: expected a .jsonl file of {{\"text\": ...}} records or a "
                         f".txt file")
     documents = []
-    for number, record in _jsonl_records(path):
-        text = _string(record, "text", path, number, "the document to score")
+    for where, record in read_jsonl(path, expected="a 'text' field"):
+        text = _string(record, "text", where, "the document to score")
         if not text:
-            raise DataError(f"{path}:{number}: 'text' is empty")
-        documents.append(Document(text, f"{path}:{number}"))
+            raise DataError(f"{where}: 'text' is empty")
+        documents.append(Document(text, where))
     return documents
 
 
@@ -100,19 +76,19 @@ def read_questions(path) -> list[Question]:
         raise DataError(f"{path}: expected a .jsonl file of {{\"prompt\", \"choices\", "
                         f"\"answer\"}} records")
     questions = []
-    for number, record in _jsonl_records(path):
-        prompt = _string(record, "prompt", path, number, "the question's context")
+    for where, record in read_jsonl(path, expected="'prompt', 'choices' and 'answer'"):
+        prompt = _string(record, "prompt", where, "the question's context")
         choices = record.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(
                 isinstance(c, str) and c for c in choices):
-            raise DataError(f"{path}:{number}: 'choices' must be a list of at least two "
-                            f"non-empty strings, got {choices!r}")
+            raise DataError(f"{where}: 'choices' must be a list of at least two non-empty "
+                            f"strings, got {choices!r}")
         answer = record.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, int):
-            raise DataError(f"{path}:{number}: 'answer' must be an integer (the index of the "
-                            f"right choice), got {answer!r}")
+            raise DataError(f"{where}: 'answer' must be an integer (the index of the right "
+                            f"choice), got {answer!r}")
         if not 0 <= answer < len(choices):
-            raise DataError(f"{path}:{number}: 'answer' {answer} is out of range for "
-                            f"{len(choices)} choices (0 to {len(choices) - 1})")
-        questions.append(Question(prompt, tuple(choices), answer, f"{path}:{number}"))
+            raise DataError(f"{where}: 'answer' {answer} is out of range for {len(choices)} "
+                            f"choices (0 to {len(choices) - 1})")
+        questions.append(Question(prompt, tuple(choices), answer, where))
     return questions
