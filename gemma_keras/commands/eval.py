@@ -103,15 +103,19 @@ def run(args):
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from gemma_keras.evaluation.evaluate import evaluate
 
-    report = evaluate(
-        data=args.data, task=args.task, model=args.model, tflite=args.tflite,
-        saved_model=args.saved_model, tokenizer=args.tokenizer, dtype=args.dtype,
-        reference=args.reference, context=args.context, stride=args.stride,
-        batch_size=args.batch_size, output=args.output,
-        tasks=args.tasks.split(",") if args.tasks else None, include_path=args.include_path,
-        limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet)
+    try:
+        report = evaluate(
+            data=args.data, task=args.task, model=args.model, tflite=args.tflite,
+            saved_model=args.saved_model, tokenizer=args.tokenizer, dtype=args.dtype,
+            reference=args.reference, context=args.context, stride=args.stride,
+            batch_size=args.batch_size, output=args.output,
+            tasks=args.tasks.split(",") if args.tasks else None,
+            include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+            progress=not args.quiet)
+    except ImportError as e:  # an optional dependency (lm-eval, ai-edge-litert) is missing
+        raise ValueError(str(e)) from None
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "table"}))
+        print(json.dumps({k: v for k, v in report.items() if k != "table"}, default=str))
     else:
         print(format_report(report))
     return 0

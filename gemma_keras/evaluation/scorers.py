@@ -3,8 +3,10 @@
 A `Scorer` runs whole token sequences (each `<bos>` first) and returns, for every token after
 the first, its log-probability given the tokens before it (`token_scores`); a scorer whose
 runtime exposes the whole next-token distribution also returns the logits at every position
-(`logits`, for KL divergence and top-1 agreement). `score_batches` feeds a scorer batches of
-sequences. The metrics (`perplexity`, `agreement`, `choice`, `harness`) use only this.
+(`logits`, for KL divergence and top-1 agreement). `batches` groups sequences of similar
+lengths into runs of `scorer.batch_size`; `score_tails` scores the last tokens of each
+sequence with them. The metrics (`perplexity`, `agreement`, `choice`, `harness`) use only
+this module.
 
     KerasScorer       Gemma2CausalLM: one forward pass per batch (right-padded), any backend
     TFLiteScorer      GemmaTFLite: the file's `score_<T>` signatures, chunk by chunk
@@ -64,7 +66,7 @@ class Scorer:
 
     Attributes: `name` (what is scored, for reports), `tokenizer` (a `GemmaTokenizer`),
     `vocab_size`, `max_length` (the longest sequence it can score, or None when the runtime
-    does not say), `has_logits`, `batch_size` (sequences per run that `score_batches` sends;
+    does not say), `has_logits`, `batch_size` (sequences per run that `score_tails` sends;
     may be set).
     """
 
