@@ -252,11 +252,15 @@ def stage_export(args):
     from gemma_keras.tflite import export_tflite
     from gemma_keras.tflite.file_info import TFLiteFileInfo
 
+    from gemma_keras.tflite import lean_export, requantize, template, weight_writer
+
     sampler = RssSampler(exact_phases=True)
     config = model_config(args)
     sampler.mark("build")
     t0 = time.perf_counter()
-    model = random_causal_lm(config)
+    # From a checkpoint directory (what `gemma-keras export-tflite --model DIR` runs), or
+    # from a random model built in this process.
+    model = args.model_dir or random_causal_lm(config)
     build_s = time.perf_counter() - t0
 
     # Tag the exporter's phases: each wrapped call marks the phase it starts (and, for some,
@@ -278,6 +282,10 @@ def stage_export(args):
 
         setattr(owner, name, wrapped)
 
+    phase(lean_export, "model_and_source", "open the checkpoint")
+    phase(template, "convert_template", "trace + convert the template", after="write")
+    phase(weight_writer, "write_weights", "stream the weights", after="after")
+    phase(requantize, "requantize_tflite", "requantize", after="after")
     phase(export_lib._ExportWeights, "__enter__", "trace")
     phase(tf.saved_model, "save", "save SavedModel")
     phase(export_lib._ExportWeights, "release", "release weights")
@@ -290,11 +298,12 @@ def stage_export(args):
     export_s = time.perf_counter() - t0
     phases = sampler.stop()
     peak = round(sampler.peak if sampler.exact else proc_status()["VmHWM"], 2)
-    restored = _weights_restored(model)
+    restored = _weights_restored(model) if not args.model_dir else None
     size = out.stat().st_size
     expected = expected_weight_bytes(config, args.quantize)
     info = TFLiteFileInfo(out)
     record(args, "export", config=config_name(args), quantize=args.quantize,
+           source=args.model_dir or "random Keras model in process",
            cache_len=args.cache_len, prefill_lens=args.prefill_lens, path=str(out),
            build_s=round(build_s, 1), export_s=round(export_s, 1), phase_s=seconds,
            file_bytes=size, weight_bytes=expected, size_ratio=round(size / expected, 4),
@@ -392,6 +401,80 @@ def stage_requantize(args):
                                                         config.hidden_size))),
            peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases,
            rss_end_gib={k: round(v, 2) for k, v in proc_status().items()})
+
+
+def stage_checkpoint(args):
+    """A random bfloat16 Hugging Face checkpoint of the full 2B (`convert_2b.py`'s streaming
+    writer) in <out-dir>/hf, with a SentencePiece tokenizer of its 256000 pieces (llama.cpp's
+    converter needs one)."""
+    import convert_2b
+
+    if args.small or args.layers:
+        raise SystemExit("checkpoint: the full 2B only (convert_2b's writer)")
+    hf = Path(args.out_dir) / "hf"
+    if (hf / "config.json").exists():
+        print(f"{hf} exists", flush=True)
+    else:
+        t0 = time.perf_counter()
+        convert_2b.phase_write(args.out_dir)
+        record(args, "checkpoint", path=str(hf), seconds=round(time.perf_counter() - t0, 1),
+               peak_rss_gib=round(proc_status()["VmHWM"], 2))
+    if not (hf / "tokenizer.model").exists():
+        padded_tokenizer(model_config(args).vocab_size, hf / "tokenizer.model")
+
+
+def _timed_child(cmd, env=None, timeout=3600):
+    """Run `cmd` under /usr/bin/time; returns (stdout, seconds, peak RSS GiB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kib=%M", *map(str, cmd)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    kib = [int(line.split("=")[1]) for line in proc.stderr.splitlines()
+           if line.startswith("maxrss_kib=")]
+    return proc.stdout, seconds, (kib[-1] * 1024 / GIB if kib else None)
+
+
+LLAMA_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")
+
+
+def stage_llamacpp(args):
+    """The same checkpoint in llama.cpp: `convert_hf_to_gguf.py` (bf16 GGUF), `llama-quantize`
+    to Q8_0, Q4_0 and Q4_K_M, and `llama-bench` at --threads: prefill of --prefill tokens,
+    decode of --decode-steps tokens at depth 0 and at depth --prefill. --llama-cpp is a
+    llama.cpp source tree with `build/bin/llama-quantize` and `build/bin/llama-bench` (e.g.
+    the one vendored in llama-cpp-python's source distribution, built with cmake)."""
+    root = Path(args.llama_cpp)
+    hf = Path(args.model_dir or Path(args.out_dir) / "hf")
+    bf16 = Path(args.out_dir) / "gemma2_2b_bf16.gguf"
+    env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
+    if not bf16.exists():
+        _, seconds, peak = _timed_child([sys.executable, root / "convert_hf_to_gguf.py", hf,
+                                         "--outtype", "bf16", "--outfile", bf16], env)
+        record(args, "gguf", quant="bf16", path=str(bf16), seconds=round(seconds, 1),
+               peak_rss_gib=peak and round(peak, 2), file_bytes=bf16.stat().st_size)
+    for quant in args.llama_quants.split(","):
+        gguf = Path(args.out_dir) / f"gemma2_2b_{quant}.gguf"
+        if not gguf.exists():
+            _, seconds, peak = _timed_child([root / "build/bin/llama-quantize", bf16, gguf,
+                                             quant, args.threads])
+            record(args, "gguf", quant=quant, path=str(gguf), seconds=round(seconds, 1),
+                   peak_rss_gib=peak and round(peak, 2), file_bytes=gguf.stat().st_size)
+        out, seconds, peak = _timed_child(
+            [root / "build/bin/llama-bench", "-m", gguf, "-t", args.threads, "-p", args.prefill,
+             "-n", args.decode_steps, "-d", f"0,{args.prefill}", "-r", "2", "-o", "json"])
+        tests = json.loads(out)
+        speed = {}
+        for t in tests:
+            kind = "prefill" if t["n_prompt"] else "decode"
+            speed[f"{kind}@{t.get('n_depth', 0)}"] = round(t["avg_ts"], 2)
+        record(args, "llamacpp", quant=quant, path=str(gguf), file_bytes=gguf.stat().st_size,
+               threads=args.threads, prefill_tokens=args.prefill, decode_steps=args.decode_steps,
+               prefill_tok_s=speed.get("prefill@0"), decode_tok_s=speed.get("decode@0"),
+               decode_at_depth_tok_s=speed.get(f"decode@{args.prefill}"), speeds=speed,
+               bench_peak_rss_gib=peak and round(peak, 2), bench_s=round(seconds, 1),
+               build_info=tests[0].get("build_commit"), cpu=tests[0].get("cpu_info"))
 
 
 LITERT_RUNTIMES = {
@@ -830,7 +913,9 @@ def stage_all(args):
     if args.layers:
         common += ["--layers", str(args.layers)]
     name = config_name(args)
-    need = 0 if (args.small or args.layers) else args.min_free_gib
+    if args.model_dir:
+        common += ["--model-dir", args.model_dir]
+    need = 0 if (args.small or args.layers or args.model_dir) else args.min_free_gib
     int8 = Path(args.out_dir) / f"{name}_dynamic_int8.tflite"
     run_stage(["bandwidth", *common], 300)
     for quantize in args.modes.split(","):
@@ -854,12 +939,18 @@ def stage_all(args):
         run_stage(["engine", *common, "--tflite", tflite, "--prefill", str(args.prefill),
                    "--decode-steps", str(args.decode_steps)], 1800)
     run_stage(["bandwidth", *common], 300)
+    if args.llama_cpp:
+        run_stage(["llamacpp", *common, "--llama-cpp", args.llama_cpp, "--prefill",
+                   str(args.prefill), "--decode-steps", str(args.decode_steps)], 3600)
     if not args.skip_transformers:
         run_stage(["transformers", *common, "--prefill", "64", "--decode-steps", "8"], 1200)
     stage_report(args)
 
 
 def stage_report(args):
+    import machine
+
+    print(machine.describe())
     lines = _read_results(args)
     exports = [r for r in lines if r["stage"] == "export"]
     bws = [r for r in lines if r["stage"] == "bandwidth"]
@@ -920,6 +1011,7 @@ def stage_report(args):
             print(f"Cache copy in+out per decode step ({r['cache_bytes'] / 2**20:.0f} MiB of "
                   f"caches): {r['cache_copy_in_out_s'] * 1e3:.1f} ms = "
                   f"{100 * r['cache_copy_share_of_decode']:.1f}% of an interpreter decode step")
+    _report_llamacpp(lines, litert)
     qerrs = [r for r in lines if r["stage"] == "quant_error"]
     if qerrs:
         print("\n| model | quantize | file bytes | max abs logit err | mean abs | rel RMS "
@@ -937,12 +1029,41 @@ def stage_report(args):
                       f"{row['top1_agree']:.2f} |")
 
 
+def _report_llamacpp(lines, litert):
+    """llama.cpp's rows, and TFLite's decode speed over theirs (same threads, prompt)."""
+    llama = {r["quant"]: r for r in lines if r["stage"] == "llamacpp"}
+    if not llama:
+        return
+    print("\n| llama.cpp | file bytes | threads | prefill tok/s | decode tok/s | decode tok/s "
+          "at depth | bench peak RSS GiB | RSS / file |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for q, r in llama.items():
+        rss = r.get("bench_peak_rss_gib")
+        print(f"| {q} | {r['file_bytes']:,} | {r['threads']} | {r['prefill_tok_s']} | "
+              f"{r['decode_tok_s']} | {r['decode_at_depth_tok_s']} | {rss} | "
+              f"{rss and round(rss * GIB / r['file_bytes'], 2)} |")
+    pairs = [("dynamic_int8", "Q8_0"), ("int8_channel", "Q8_0"), ("int4_channel", "Q4_0"),
+             ("int4_channel", "Q4_K_M"), ("int4_block32", "Q4_0"), ("int4_block32", "Q4_K_M")]
+    print("\n| TFLite file (GemmaTFLite, no weight cache) | llama.cpp | prefill ratio | "
+          "decode ratio (TFLite at depth = prompt / llama.cpp at depth) | RSS / file TFLite |")
+    print("| --- | --- | --- | --- | --- |")
+    for mode, quant in pairs:
+        runs = [r for r in litert if r["runtime"] == "compiled"
+                and Path(r["tflite"]).name.endswith(f"_{mode}.tflite")]
+        if not runs or quant not in llama:
+            continue
+        r, l = runs[-1], llama[quant]
+        rss = r["rss_after_decode_gib"]["VmRSS"] * GIB / r["file_bytes"]
+        print(f"| {mode} | {quant} | {r['prefill_tok_s'] / l['prefill_tok_s']:.2f} | "
+              f"{r['decode_tok_s'] / l['decode_at_depth_tok_s']:.2f} | {rss:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["all", "export", "requantize", "litert", "engine",
-                                          "transformers", "bandwidth", "quant-error",
-                                          "quant-sim", "report"])
+    parser.add_argument("stage", choices=["all", "checkpoint", "export", "requantize", "litert",
+                                          "engine", "llamacpp", "transformers", "bandwidth",
+                                          "quant-error", "quant-sim", "report"])
     parser.add_argument("--out-dir", default="/tmp/gemma_tflite_2b")
     parser.add_argument("--small", action="store_true", help="a tiny config, for dry runs")
     parser.add_argument("--layers", type=int, default=0,
@@ -956,6 +1077,10 @@ def main():
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--tflite")
+    parser.add_argument("--model-dir", help="export: a checkpoint directory to export from "
+                        "(the lean route's use); default: a random model built in process")
+    parser.add_argument("--llama-cpp", help="llamacpp: a llama.cpp source tree with build/bin")
+    parser.add_argument("--llama-quants", default=",".join(LLAMA_QUANTS))
     parser.add_argument("--kernel-layout", choices=["out_in", "in_out"], default="out_in",
                         help="requantize: the projections' layout in the exported model "
                              "(in_out for exports made before the Linear layers)")
@@ -971,7 +1096,8 @@ def main():
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if args.stage in ("bandwidth", "all"):
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    {"all": stage_all, "export": stage_export, "requantize": stage_requantize,
+    {"all": stage_all, "checkpoint": stage_checkpoint, "llamacpp": stage_llamacpp,
+     "export": stage_export, "requantize": stage_requantize,
      "litert": stage_litert, "engine": stage_engine,
      "transformers": stage_transformers, "bandwidth": stage_bandwidth,
      "quant-error": stage_quant_error, "quant-sim": stage_quant_sim,
