@@ -52,7 +52,8 @@ def register(subparsers):
                         "tiny model)")
     p.add_argument("--out", required=True, metavar="FILE.tflite", help="the file to write")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                   help="none (float32); fp16 and dynamic_int8 (TensorFlow's converter); "
+                   help="none (float32); fp16 and dynamic_int8 (TensorFlow's converter's "
+                        "encodings, per-tensor int8); int8_channel (int8, one scale per row); "
                         "weight_only_int8 (ai-edge-quantizer); int4_block32, int4_block128, "
                         "int4_channel (int4 with one scale per 32 or 128 weights, or per "
                         "row: the fastest on CPU). "
