@@ -133,7 +133,8 @@ class WeightsFile:
 
                 def visit(name, obj, handle=handle):
                     if isinstance(obj, h5py.Group) and name.split("/")[-1] == "vars":
-                        names[obj.parent.name] = obj.attrs.get("name")
+                        if "name" in obj.attrs:  # a shard may repeat a group without it
+                            names[obj.parent.name] = obj.attrs["name"]
                         for key in obj.keys():
                             datasets[(obj.parent.name, key)] = (handle, f"{name}/{key}")
 
@@ -158,8 +159,10 @@ class WeightsFile:
     def _layer_path(group: str, names: dict) -> str:
         parts, path = [], group
         while path not in ("", "/"):
-            if path in names and path != "/":
+            if path in names:
                 parts.append(names[path])
+            elif path.rsplit("/", 1)[-1] != "layers":  # Keras' list of a model's layers
+                raise CheckpointError(f"{group}: no layer name recorded for {path}")
             path = path.rsplit("/", 1)[0] or "/"
         return "/".join(reversed(parts))
 

@@ -232,6 +232,16 @@ def test_bfloat16_preset_round_trip_is_bit_identical(tiny_tokenizer, tmp_path):
         json.loads((tmp_path / "preset" / "config.json").read_text())
 
 
+def test_sharded_preset_reads_as_the_model(hidden_norm_pair, tmp_path):
+    from gemma_keras import Gemma2CausalLM
+
+    hub, converted = hidden_norm_pair
+    hub.save_to_preset(str(tmp_path / "preset"), max_shard_size=0.0001)  # GB: 4 shards
+    assert (tmp_path / "preset" / "model.weights.json").is_file()
+    convert_keras_hub_to_keras(tmp_path / "preset", tmp_path / "keras")
+    assert_same_weights(Gemma2CausalLM.from_pretrained(tmp_path / "keras"), converted)
+
+
 def test_preset_to_hf_checkpoint_matches_keras_hub_in_transformers(
         hidden_norm_preset, hidden_norm_pair, padded_batch, tmp_path):
     """keras-hub's query scale (not the one its flag asks for) reaches transformers."""
