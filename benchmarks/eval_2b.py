@@ -1,0 +1,211 @@
+"""Scoring throughput of the full Gemma 2 2B (random weights, float32): gemma-keras against
+transformers, and the TFLite int8 / int4 files beside them.
+
+    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/eval_2b.py \
+        [--tflite int8.tflite int4.tflite] [--layers N]
+
+Each system runs in its own subprocess (so each has its own memory), one after the other,
+on the same 4 documents of 512 random tokens (`<bos>` first), and computes what perplexity
+needs: the log-probability of every token after the first, summed in float64.
+
+  keras         `gemma_keras.evaluation.scorers.KerasScorer` on the random 2B
+                (`tflite_2b.random_causal_lm`): one forward pass per batch (default batch
+                size from `gemma_keras.defaults.eval_batch_size`: 1 for the 2B at 512 tokens,
+                so that the logits stay within 512 MiB); TensorFlow backend.
+  transformers  `Gemma2ForCausalLM` float32 (torch, its default attention), one forward pass
+                per document, log-softmax and gather in float32, sum in float64.
+  tflite        `GemmaTFLite.logits_at_every_position` through the file's score_<T>
+                signatures (export with `--score-lens`), XNNPACK, 2 threads.
+
+Tokens/s counts the 512 tokens of each document run through the model. `--layers N`
+builds the 2B's width with N of its 26 layers (a dry run). Prints a Markdown table headed by
+`machine.describe()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import machine  # noqa: E402  (benchmarks run as scripts)
+
+DOCUMENTS, LENGTH = 4, 512
+
+
+def documents(vocab_size):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [[2, *rng.integers(110, vocab_size, LENGTH - 1).tolist()] for _ in range(DOCUMENTS)]
+
+
+def config(layers, small=False):
+    from gemma_keras.config import Gemma2Config
+
+    if small:  # a dry run of the script
+        import tflite_2b
+
+        return Gemma2Config(**tflite_2b.SMALL)
+    cfg = Gemma2Config.preset("gemma2_2b")
+    if layers:
+        cfg = Gemma2Config(**{**cfg.to_dict(), "num_hidden_layers": layers, "layer_types": None})
+    return cfg
+
+
+def peak_rss_gib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def timed(score, docs):
+    """(seconds, total log-likelihood) of `score(docs)`, after one warm-up document."""
+    score(docs[:1])
+    start = time.perf_counter()
+    total = score(docs)
+    return time.perf_counter() - start, total
+
+
+def stage_keras(args):
+    import tflite_2b
+
+    from gemma_keras import defaults
+    from gemma_keras.evaluation.scorers import KerasScorer, score_tails
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    cfg = config(args.layers, args.small)
+    model = tflite_2b.random_causal_lm(cfg)
+    model.tokenizer = GemmaTokenizer(tflite_2b.padded_tokenizer(
+        cfg.vocab_size, Path(args.work) / "tokenizer.model"))
+    batch = defaults.eval_batch_size(args.batch_size, LENGTH, cfg.vocab_size)
+    scorer = KerasScorer(model, batch_size=batch)
+
+    def score(docs):
+        return sum(float(t.log_probs.sum()) for t in score_tails(scorer, docs,
+                                                                 [len(d) - 1 for d in docs]))
+    return {"batch": batch, **_result(score, documents(cfg.vocab_size))}
+
+
+def stage_transformers(args):
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = config(args.layers, args.small)
+    hf = Gemma2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                      intermediate_size=cfg.intermediate_size,
+                      num_hidden_layers=cfg.num_hidden_layers,
+                      num_attention_heads=cfg.num_attention_heads,
+                      num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                      query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                      sliding_window=cfg.sliding_window,
+                      max_position_embeddings=cfg.max_position_embeddings)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(hf).eval()
+
+    def score(docs):
+        total = 0.0
+        with torch.no_grad():
+            for doc in docs:
+                ids = torch.tensor([doc])
+                logits = model(input_ids=ids).logits[0, :-1]
+                picked = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])
+                total += float(picked.double().sum())
+        return total
+    return {"batch": 1, "threads": torch.get_num_threads(),
+            **_result(score, documents(cfg.vocab_size))}
+
+
+def stage_tflite(args):
+    from gemma_keras.tflite import GemmaTFLite
+    from gemma_keras.evaluation.scorers import TFLiteScorer, score_tails
+
+    runtime = GemmaTFLite(args.file, args.tokenizer, num_threads=2)
+    scorer = TFLiteScorer(runtime)
+
+    def score(docs):
+        return sum(float(t.log_probs.sum()) for t in score_tails(scorer, docs,
+                                                                 [len(d) - 1 for d in docs]))
+    return {"batch": 1, "file_gb": os.path.getsize(args.file) / 1e9,
+            **_result(score, documents(runtime.vocab_size))}
+
+
+def _result(score, docs):
+    seconds, total = timed(score, docs)
+    tokens = sum(len(d) for d in docs)
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds,
+            "nll": -total / sum(len(d) - 1 for d in docs), "peak_rss_gib": peak_rss_gib()}
+
+
+STAGES = {"keras": stage_keras, "transformers": stage_transformers, "tflite": stage_tflite}
+
+
+def run_stage(argv, timeout=1500):
+    """Run one stage in a subprocess; its JSON result, or {"error": ...}."""
+    try:
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True,
+                              text=True, timeout=timeout, cwd=Path(__file__).parent)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=sorted(STAGES), default=None,
+                        help="run one system in this process (the driver runs them all)")
+    parser.add_argument("--tflite", nargs="*", default=[], metavar="FILE",
+                        help=".tflite exports of the random 2B with score_<T> signatures")
+    parser.add_argument("--file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.model for the .tflite files (default: beside them)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="the 2B's width with this many layers (a dry run)")
+    parser.add_argument("--small", action="store_true", help="a tiny config (a dry run)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="gemma-keras windows per forward pass (default: the package's)")
+    parser.add_argument("--work", default="/tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        print("RESULT " + json.dumps(STAGES[args.stage](args)), flush=True)
+        return
+    common = [*(["--layers", str(args.layers)] if args.layers else []),
+              *(["--small"] if args.small else []),
+              *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
+    head = machine.describe()
+    results = {name: run_stage(["--stage", name, *common]) for name in ("keras",
+                                                                        "transformers")}
+    for path in args.tflite:
+        extra = ["--tokenizer", args.tokenizer] if args.tokenizer else []
+        results[f"tflite {Path(path).name}"] = run_stage(["--stage", "tflite", "--file", path,
+                                                          *extra])
+    what = ("small dry-run config" if args.small else "Gemma 2 2B" if not args.layers
+            else f"2B width, {args.layers} of 26 layers")
+    print(f"{head}\n\n{what}, random weights, float32; {DOCUMENTS} documents of {LENGTH} "
+          "tokens; scoring = log-probability of every token after <bos>\n")
+    print("| system | batch | seconds | tokens/s | vs transformers | nll | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    base = results["transformers"].get("tokens_per_s")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | - | - | - | - | - | {r['error']} |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {name} | {r['batch']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
+              f"{ratio} | {r['nll']:.3f} | {r['peak_rss_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""What each TFLite quantization costs, measured with gemma_keras.evaluation.
+
+    .venv/bin/python benchmarks/eval_quantization.py                 # the bundled tiny model
+    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/eval_quantization.py --layers 2
+
+Without --layers: the bundled tiny model (trained on "reverse: <words>" in Gemma's chat
+format) is exported in every mode with a score signature; each file is scored against the
+Keras float32 model on 100 held-out chat exchanges (prompt and answer as one document):
+perplexity, KL divergence (mean, p99), top-1 agreement; and its task accuracy (greedy exact
+match on the 200 held-out prompts, `gemma_keras.tiny_task`).
+
+With --layers N: a random model of the Gemma 2 2B's width (vocabulary 256000, hidden 2304,
+the 2B's attention and MLP shapes) with N of its 26 layers, exported in --modes; KL and
+top-1 only on random token sequences (random weights have no meaningful perplexity). The
+export of a full-size model needs about 21 GiB, so N stays small on a shared machine.
+
+Prints one Markdown table, headed by `machine.describe()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import machine  # noqa: E402  (benchmarks run as scripts)
+
+CACHE_LEN, PREFILL_LENS, SCORE_LEN = 64, (8, 32), 32
+
+
+def answer_perplexity(scorer, documents, answers):
+    """Perplexity of the answers only (each document ends with its answer): the tiny model
+    was trained on the answers, its prompts are random words."""
+    import math
+
+    from gemma_keras.evaluation.scorers import score_tails
+
+    tokenizer = scorer.tokenizer
+    sequences = [tokenizer.encode(d.text) for d in documents]
+    counts = [len(tokenizer.encode(a, add_bos=False)) for a in answers]
+    tails = score_tails(scorer, sequences, counts)
+    return math.exp(-math.fsum(t.log_probs.sum() for t in tails) / sum(counts))
+
+
+def tiny_documents(n=100):
+    """Held-out chat exchanges of the tiny task as Documents (the model's own format), and
+    their answers (`<end_of_turn>` included)."""
+    from gemma_keras import tiny_task
+    from gemma_keras.evaluation.data import Document
+    from gemma_keras.tokenizer import END_OF_TURN
+
+    examples = tiny_task.eval_examples()[:n]
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer(Path(tiny_task.tiny_model_dir()) / "tokenizer.model")
+    prompts = tiny_task.chat_prompts(tokenizer, [e["prompt"] for e in examples])
+    answers = [e["response"] + END_OF_TURN for e in examples]
+    return [Document(p + a, f"eval.jsonl:{i + 1}")
+            for i, (p, a) in enumerate(zip(prompts, answers))], answers
+
+
+def tiny_rows(modes, work):
+    from gemma_keras import tiny_task
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.evaluation.agreement import agreement
+    from gemma_keras.evaluation.perplexity import perplexity
+    from gemma_keras.evaluation.scorers import KerasScorer, TFLiteScorer
+    from gemma_keras.tflite import GemmaTFLite
+    from gemma_keras.tflite.export import export_tflite_variants
+
+    from gemma_keras.tflite.quantize import check_block_sizes
+
+    model = Gemma2CausalLM.from_pretrained(tiny_task.tiny_model_dir(), dtype="float32")
+    tokenizer = str(Path(tiny_task.tiny_model_dir()) / "tokenizer.model")
+    skipped = []
+    for mode in list(modes):
+        try:
+            check_block_sizes(model.config, mode)
+        except ValueError:  # blocks wider than the tiny model's rows
+            modes.remove(mode)
+            skipped.append(mode)
+    files = export_tflite_variants(model, {m: work / f"tiny_{m}.tflite" for m in modes},
+                                   kv_cache_max_len=CACHE_LEN, prefill_lens=PREFILL_LENS,
+                                   score_lens=(SCORE_LEN,), progress=False)
+    (documents, answers), examples = tiny_documents(), tiny_task.eval_examples()
+    reference = KerasScorer(model, batch_size=32, name="keras float32")
+    float_ppl = perplexity(reference, documents, context=CACHE_LEN)["perplexity"]
+    accuracy = tiny_task.exact_match_accuracy(
+        lambda prompts: tiny_task.keras_answers(model, prompts), examples)
+    rows = [("Keras float32", "-", f"{float_ppl:.2f}",
+             f"{answer_perplexity(reference, documents, answers):.4f}", "0", "0", "100%",
+             f"{accuracy:.1%}")]
+    for mode in modes:
+        runtime = GemmaTFLite(files[mode], tokenizer, weight_cache=False)
+        scorer = TFLiteScorer(runtime, mode)
+        report = agreement(scorer, reference, documents, context=CACHE_LEN)
+        accuracy = tiny_task.exact_match_accuracy(
+            lambda prompts: [runtime.chat([{"role": "user", "content": p}],
+                                          max_new_tokens=tiny_task.MAX_NEW_TOKENS)
+                             for p in prompts], examples)
+        rows.append((mode, f"{files[mode].stat().st_size / 1e6:.2f}",
+                     f"{report['perplexity']:.2f}",
+                     f"{answer_perplexity(scorer, documents, answers):.4f}",
+                     f"{report['kl_mean']:.2e}",
+                     f"{report['kl_p99']:.2e}", f"{report['top1_agreement']:.1%}",
+                     f"{accuracy:.1%}"))
+        runtime.close()
+        print(f"{mode}: {report}", file=sys.stderr, flush=True)
+    header = ("model", "file MB", "perplexity", "answer perplexity", "KL mean", "KL p99",
+              "top-1 agreement", "task exact match")
+    note = f"; not possible on its 64-wide rows: {', '.join(skipped)}" if skipped else ""
+    return header, rows, (f"bundled tiny model; {len(documents)} held-out chat exchanges, "
+                          f"{report['tokens']} predicted tokens{note}")
+
+
+def wide_rows(modes, layers, work, sequences=4, length=256):
+    import numpy as np
+
+    import tflite_2b  # noqa: E402  (random_causal_lm, padded_tokenizer)
+
+    from gemma_keras.config import Gemma2Config
+    from gemma_keras.evaluation.agreement import _compare_logits
+    from gemma_keras.evaluation.scorers import KerasScorer, TFLiteScorer
+    from gemma_keras.tflite import GemmaTFLite
+    from gemma_keras.tflite.export import export_tflite_variants
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    config = Gemma2Config.preset("gemma2_2b")
+    config = Gemma2Config(**{**config.to_dict(), "num_hidden_layers": layers,
+                             "layer_types": None})
+    model = tflite_2b.random_causal_lm(config)
+    tokenizer = tflite_2b.padded_tokenizer(config.vocab_size, work / "tokenizer.model")
+    model.tokenizer = GemmaTokenizer(tokenizer)
+    cache = length + 64
+    files = export_tflite_variants(model, {m: work / f"wide_{m}.tflite" for m in modes},
+                                   kv_cache_max_len=cache, prefill_lens=(64,),
+                                   score_lens=(64,), progress=False)
+    rng = np.random.default_rng(0)
+    ids = [[2, *rng.integers(110, config.vocab_size, length - 1).tolist()]
+           for _ in range(sequences)]
+    reference = KerasScorer(model, batch_size=1)
+    reference_logits = [reference.logits([s])[0] for s in ids]
+    rows = []
+    for mode in modes:
+        runtime = GemmaTFLite(files[mode], tokenizer, weight_cache=False)
+        scorer = TFLiteScorer(runtime, mode)
+        kl, top1 = [], []
+        for seq, ref in zip(ids, reference_logits):
+            k, t, _, _ = _compare_logits(scorer.logits([seq])[0], ref, seq, len(seq) - 1)
+            kl.append(k)
+            top1.append(t)
+        runtime.close()
+        kl, top1 = np.concatenate(kl), np.concatenate(top1)
+        rows.append((mode, f"{files[mode].stat().st_size / 1e6:.0f}", f"{kl.mean():.2e}",
+                     f"{np.percentile(kl, 99):.2e}", f"{top1.mean():.1%}"))
+        print(f"{mode}: KL {kl.mean():.3e} top1 {top1.mean():.3f}", file=sys.stderr, flush=True)
+    header = ("model", "file MB", "KL mean", "KL p99", "top-1 agreement")
+    return header, rows, (f"random Gemma 2 2B width, {layers} of 26 layers; {sequences} "
+                          f"random sequences of {length} tokens")
+
+
+def main():
+    from gemma_keras.tflite.quantize import QUANTIZATIONS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=None,
+                        help="a random model of the 2B's width with this many layers")
+    parser.add_argument("--modes", default=",".join(QUANTIZATIONS),
+                        help="comma-separated quantization modes (default all)")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    head = machine.describe()
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="eval_quantization_", dir="/tmp") as work:
+        if args.layers:
+            header, rows, what = wide_rows(modes, args.layers, Path(work))
+        else:
+            header, rows, what = tiny_rows(modes, Path(work))
+    print(f"{head}\n\n{what}; {time.time() - start:.0f} s\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
+if __name__ == "__main__":
+    main()
