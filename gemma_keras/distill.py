@@ -13,7 +13,7 @@ the tokenizer (same vocabulary); their sizes may differ.
 
 Example:
 >>> student = Gemma2CausalLM(student_config)          # or from_pretrained, or LoRA-enabled
->>> distiller = GemmaDistiller(teacher, student, temperature=2.0, student_loss_weight=0.5)
+>>> distiller = GemmaDistiller(teacher, student, temperature=1.0, student_loss_weight=0.5)
 >>> distiller.compile()                               # AdamW for the student, masked losses
 >>> distiller.fit(data.tf_dataset(8), epochs=1)       # history: total, student, distillation
 >>> distiller.student.generate("...")
@@ -26,7 +26,7 @@ from keras import ops
 
 from gemma_keras.layers import _PACKAGE
 
-DEFAULT_TEMPERATURE = 2.0
+DEFAULT_TEMPERATURE = 1.0
 DEFAULT_STUDENT_LOSS_WEIGHT = 0.5
 
 
