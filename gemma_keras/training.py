@@ -217,7 +217,7 @@ def write_finetuned(model, out_dir, source=None, lora_rank=None, adapter_path=No
 def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_length=None,
              lora_rank=None, lora_alpha=None, lora_targets=None, learning_rate=None,
              validation_split=0.1, validation_path=None, checkpoint_dir=None, resume=True,
-             gradient_accumulation_steps=None, dtype=None, remat=False, seed=0,
+             gradient_accumulation_steps=None, dtype=None, remat=False, quantize=None, seed=0,
              overwrite=False, jit_compile="auto", run_eagerly=False, verbose=1):
     """Fine-tune a model directory on a JSONL file and write the result as a model directory.
 
@@ -227,7 +227,9 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     epoch a checkpoint goes to `checkpoint_dir` (default `OUT_DIR.checkpoints`); a later run
     with the same settings resumes from the latest one. At the end LoRA adapters are saved
     (`checkpoint_dir/adapter.safetensors`) and merged, and the model is written to `out_dir`
-    as a gemma-keras model directory that every subcommand accepts.
+    as a gemma-keras model directory that every subcommand accepts. `quantize="int8"` trains
+    the LoRA adapters on int8 base weights (`model.quantize`; LoRA required); the merged
+    result is a float model.
 
     Returns a dict with the per-epoch history and the paths written.
     """
@@ -239,6 +241,9 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
 
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
+    if quantize and not lora_rank:
+        raise ValueError(f"quantize={quantize!r} freezes the base weights: train LoRA adapters "
+                         "on them (lora_rank / --lora-rank)")
     keras.utils.set_random_seed(seed)
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -255,6 +260,8 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     train, val = load_splits(model, data_path, sequence_length, validation_path,
                              validation_split, seed)
 
+    if quantize:
+        model.quantize(quantize)
     if lora_rank:
         lora.enable_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
     model.compile(optimizer=adamw(model, learning_rate=learning_rate,
@@ -266,7 +273,7 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
                        lora_rank=lora_rank, lora_alpha=lora_alpha,
                        lora_targets=list(lora.resolve_targets(lora_targets)) if lora_rank
                        else None, batch_size=batch_size, sequence_length=train.sequence_length,
-                       dtype=model.dtype_policy.name)
+                       dtype=model.dtype_policy.name, quantize=quantize)
     initial_epoch = 0
     latest = latest_checkpoint(checkpoint_dir) if resume else None
     if latest:

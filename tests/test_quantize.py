@@ -215,3 +215,26 @@ def test_merge_lora_on_int8_gives_a_float_model_that_exports(lora_runs, tmp_path
     save_hf_checkpoint(model, tmp_path / "merged")
     np.testing.assert_allclose(forward(load_hf_checkpoint(tmp_path / "merged"), part), merged,
                                atol=1e-5)
+
+
+def test_finetune_command_on_an_int8_base(tmp_path, capsys):
+    import json
+
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.cli import main
+    from gemma_keras.quantization import is_quantized
+    from gemma_keras.training import finetune
+
+    data = tmp_path / "repeat.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n"
+                            for e in tiny_task.training_examples(40, task=NEW_TASK)))
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--data", str(data), "--out", str(out), "--quantize", "int8",
+                 "--lora-rank", "4", "--learning-rate", "1e-2", "--batch-size", "16",
+                 "--eager", "--quiet"]) == 0
+    assert "epoch 1: validation loss" in capsys.readouterr().out
+    tuned = Gemma2CausalLM.from_pretrained(out)  # merged: a float model directory
+    assert not is_quantized(tuned)
+    assert all(str(v.dtype) == "float32" for v in tuned.variables)
+    with pytest.raises(ValueError, match="freezes the base weights.*lora"):
+        finetune(TINY, data, tmp_path / "refused", quantize="int8", verbose=0)

@@ -39,6 +39,9 @@ def register(subparsers):
                    help="gradient accumulation: one update every N batches")
     p.add_argument("--dtype", default=None,
                    help="Keras dtype policy, e.g. mixed_bfloat16 (default: float32)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="train the LoRA adapters on int8 base weights (less memory; needs "
+                        "--lora-rank); the merged result is a float model")
     p.add_argument("--remat", action="store_true",
                    help="recompute block activations in the backward pass (less memory)")
     p.add_argument("--no-jit", action="store_true",
@@ -64,7 +67,8 @@ def run(args):
         learning_rate=args.learning_rate, validation_split=args.validation_split,
         validation_path=args.validation_data, checkpoint_dir=args.checkpoint_dir,
         resume=not args.restart, gradient_accumulation_steps=args.accumulate,
-        dtype=args.dtype, remat=args.remat, seed=args.seed, overwrite=args.overwrite,
+        dtype=args.dtype, remat=args.remat, quantize=args.quantize, seed=args.seed,
+        overwrite=args.overwrite,
         jit_compile=False if args.no_jit else "auto", run_eagerly=args.eager,
         verbose=2 if args.quiet else 1)
     for epoch, loss in enumerate(result["history"].get("val_loss", []),
