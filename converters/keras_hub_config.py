@@ -30,7 +30,13 @@ CONFIG_NAME = "config.json"
 
 def keras_hub_query_scalar(head_dim, hidden_dim, num_query_heads, query_head_dim_normalize):
     """The `query_pre_attn_scalar` (scale = scalar ** -0.5) that the installed keras-hub's
-    attention uses for this backbone configuration."""
+    attention uses for this backbone configuration.
+
+    `query_head_dim_normalize=True` means `head_dim` in every keras-hub; only for False is
+    keras-hub asked (so that converting a preset in does not import it: 0.2 GB resident).
+    """
+    if query_head_dim_normalize:
+        return head_dim
     from keras_hub.src.models.gemma.gemma_decoder_block import GemmaDecoderBlock
 
     block = GemmaDecoderBlock(  # unbuilt: no weights are made
@@ -122,17 +128,18 @@ def to_hub_config(config: Gemma2Config, dtype: str, like: dict | None = None
         raise ValueError("layer_types must alternate sliding (even layers) and full attention, "
                          "or be all full attention: keras-hub's Gemma has no other pattern")
     like = like or {}
-    scalars = {flag: keras_hub_query_scalar(c.head_dim, c.hidden_size, c.num_attention_heads,
-                                            flag) for flag in (True, False)}
+
+    def scalar(flag):
+        return keras_hub_query_scalar(c.head_dim, c.hidden_size, c.num_attention_heads, flag)
+
     preferred = [like["query_head_dim_normalize"]] if "query_head_dim_normalize" in like else []
-    flags = [f for f in preferred + [True, False] if scalars[f] == c.query_pre_attn_scalar]
+    normalize = next((f for f in preferred + [True, False]
+                      if scalar(f) == c.query_pre_attn_scalar), None)
     notes, factor = [], 1.0
-    if flags:
-        normalize = flags[0]
-    else:
+    if normalize is None:
         normalize = True
-        factor = (scalars[True] / c.query_pre_attn_scalar) ** 0.5
-        notes.append(f"keras-hub scales queries by 1/sqrt({scalars[True]}); "
+        factor = (c.head_dim / c.query_pre_attn_scalar) ** 0.5
+        notes.append(f"keras-hub scales queries by 1/sqrt({c.head_dim}); "
                      f"query_pre_attn_scalar={c.query_pre_attn_scalar:g} is folded into the "
                      f"query kernel (x{factor:.6g})")
     hub = {
