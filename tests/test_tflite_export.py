@@ -422,3 +422,26 @@ def test_export_refuses_a_bfloat16_model(tmp_path):
     lm = Gemma2CausalLM(Gemma2Config.from_hf_dict(CONFIG), dtype="bfloat16")
     with pytest.raises(ValueError, match="computes in bfloat16 .* dtype='float32'"):
         export_tflite(lm, tmp_path / "x.tflite", kv_cache_max_len=16, prefill_lens=(4,))
+
+
+@pytest.mark.parametrize("kind", ["hf", "keras"])
+def test_lean_export_from_a_model_directory(tmp_path, kind):
+    """From a Hugging Face (safetensors) or gemma-keras (.weights.h5) directory, read tensor
+    by tensor, the lean export writes the file it writes from the model in memory."""
+    from gemma_keras.converters.hf_export import write_hf_dir
+    from gemma_keras.converters.keras_dir import write_model_dir
+    from gemma_keras.tflite.export import export_tflite
+    from gemma_keras.tflite.file_compare import graph_differences
+
+    lm = random_keras_lm(SMALL, seed=5)
+    directory = tmp_path / kind
+    directory.mkdir()
+    if kind == "hf":
+        write_hf_dir(lm, directory, "float32")
+    else:
+        write_model_dir(lm, directory)
+    options = dict(quantize="dynamic_int8", kv_cache_max_len=16, prefill_lens=(4,),
+                   progress=False)
+    from_model = export_tflite(lm, tmp_path / "model.tflite", **options)
+    from_dir = export_tflite(directory, tmp_path / "dir.tflite", **options)
+    assert graph_differences(from_model, from_dir) == []

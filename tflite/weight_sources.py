@@ -148,7 +148,13 @@ def _keras_weight_paths(model):
         def __setitem__(self, key, value):
             paths[id(value)] = f"{self.path}/{key}"
 
-    class _Store:
+    class _Store(saving_lib.NpzIOStore):  # Keras accepts only its own store types
+        def __init__(self):
+            pass
+
+        def __bool__(self):
+            return True
+
         def make(self, path, metadata=None):
             return _Recorder(f"{path}/vars" if path else "vars")
 
