@@ -1,28 +1,46 @@
-"""SavedModel for TensorFlow Serving at the 2B's size: export cost, files, and decode speed.
+"""SavedModel for TensorFlow Serving at the 2B's size: export, load, decode speed and
+throughput under concurrent clients, beside `Gemma2CausalLM.generate` in the same run.
 
-    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/saved_model_2b.py --layers 2 6
+    flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/saved_model_2b.py
+    .venv/bin/python benchmarks/saved_model_2b.py --layers 1 --variants plain --clients 1 2
 
-For each `--layers N`, the random Gemma 2 2B width with N of its 26 layers (float32) is
-exported in one subprocess (`export_saved_model`, max_length 256), then loaded in a second
-one that imports only tensorflow and tensorflow_text, and `serving_default` is timed on one
-prompt at two `max_new_tokens`; their difference gives seconds per decode step. With two or
-more depths, a line fitted through the per-step times estimates the full 26-layer model.
-Memory: each subprocess holds N-layer weights (2.36 GB embedding + 0.31 GB per layer);
-`--layers 26` needs about 11 GB free and is refused below `--min-free-gib`.
+The random Gemma 2 2B (`--layers` of its 26 layers; float32, and bfloat16 when the CPU has
+native bfloat16 and `--dtypes` asks for it) is exported once per variant, each in its own
+subprocess: `plain` (core TensorFlow ops), `xla` (XLA-compiled prefill and decode step),
+`batch` (in-graph batching, a `BatchFunction` op: max batch 8, 20 ms timeout) and
+`xla+batch`. A second subprocess loads the export in a TF1 session as TensorFlow Serving
+does (`gemma_keras.serving.session`), warms it up at every measured shape (so XLA compiles
+and TensorFlow's first-run costs are excluded), then measures seconds per decode token at one
+client (two `max_new_tokens`, their difference) and tokens/s with 1, 4 and 8 client threads
+each sending one request at once (`gemma_keras.serving.load`). `keras` is `generate` on the
+same random model (XLA), in its own subprocess. One subprocess holds the weights at a time
+(about 11 GB in float32 at 26 layers).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+import machine
+
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
+VARIANTS = ("plain", "xla", "batch", "xla+batch")
+TOKENIZER = Path(__file__).resolve().parents[1] / "gemma_keras/assets/tiny/tokenizer.model"
+
+
+def _peak_rss_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _available_gib():
@@ -31,121 +49,185 @@ def _available_gib():
     return int(info["MemAvailable"].split()[0]) / 2**20
 
 
-def _peak_rss_gib():
-    import resource
+def _config(layers):
+    from gemma_keras.config import Gemma2Config
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    config = Gemma2Config.preset("gemma2_2b")
+    return dataclasses.replace(config, num_hidden_layers=layers,
+                               layer_types=config.layer_types[:layers])
 
 
-def stage_export(layers, out):
+def _model(layers, dtype):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import dataclasses
+    from generate_2b import fast_random_initializers
 
     from gemma_keras.causal_lm import Gemma2CausalLM
-    from gemma_keras.config import Gemma2Config
-    from gemma_keras.saved_model import export_saved_model
 
-    tokenizer = Path(__file__).resolve().parents[1] / "gemma_keras/assets/tiny/tokenizer.model"
-    config = Gemma2Config.preset("gemma2_2b")
-    config = dataclasses.replace(config, num_hidden_layers=layers,
-                                 layer_types=config.layer_types[:layers])
+    fast_random_initializers()
+    return Gemma2CausalLM(_config(layers), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- stages
+def stage_export(args):
+    from gemma_keras.saved_model import export_saved_model
+    from gemma_keras.serving.batching import InGraphBatching
+
+    model = _model(args.layers, args.dtype)
+    batching = InGraphBatching(max_batch_size=8, batch_timeout_micros=20_000,
+                               allowed_batch_sizes=(1, 2, 4, 8))
     t0 = time.perf_counter()
-    model = Gemma2CausalLM(config, dtype="float32")
-    built = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    path = export_saved_model(model, out, version=1, tokenizer_path=tokenizer, max_length=256)
+    path = export_saved_model(model, args.out_dir, version=1, tokenizer_path=TOKENIZER,
+                              max_length=256, max_new_tokens=16,
+                              in_graph_batching=batching if "batch" in args.variant else None,
+                              xla="xla" in args.variant)
     seconds = time.perf_counter() - t0
     shards = sorted((path / "variables").glob("variables.data-*"))
-    return {"build_s": built, "export_s": seconds,
+    return {"export_s": seconds, "variables_gb": sum(p.stat().st_size for p in shards) / 1e9,
             "saved_model_pb_mb": (path / "saved_model.pb").stat().st_size / 1e6,
-            "variables_gb": sum(p.stat().st_size for p in shards) / 1e9,
-            "shards": len(shards), "largest_shard_gb": max(p.stat().st_size for p in shards) / 1e9,
-            "peak_rss_gib": _peak_rss_gib()}
+            "export_peak_rss_gib": _peak_rss_gib()}
 
 
-def stage_serve(path, short, long):
-    import tensorflow as tf
-    import tensorflow_text  # noqa: F401
+def _request(max_new):
+    return {"prompts": np.array([PROMPT.encode()], object),
+            "max_new_tokens": np.array([max_new], np.int32),
+            "temperature": np.zeros([1], np.float32), "top_k": np.zeros([1], np.int32),
+            "top_p": np.ones([1], np.float32), "seed": np.zeros([1], np.int64)}
+
+
+def stage_serve(args):
+    from gemma_keras.serving.load import run_load
+    from gemma_keras.serving.session import ServingSession
 
     t0 = time.perf_counter()
-    model = tf.saved_model.load(str(path))
+    served = ServingSession(Path(args.out_dir) / "1")
     load = time.perf_counter() - t0
 
-    def run(n):
+    def generate(feeds):
+        return served.run("serving_default", feeds)
+
+    short, long = args.max_new
+    t0 = time.perf_counter()
+    # Every batch size (in-graph batching pads to 1, 2, 4 or 8) at the measured cache size.
+    for clients in args.clients * 2 if "batch" in args.variant else [1]:
+        run_load(generate, [_request(short)] * clients, clients)
+    warmup = time.perf_counter() - t0
+
+    def timed(n):
         t = time.perf_counter()
-        out = model.generate(tf.constant([PROMPT]), max_new_tokens=tf.constant(n))
-        steps = out["token_ids"].shape[1]
+        steps = generate(_request(n))["token_ids"].shape[1]
         return time.perf_counter() - t, steps
 
-    first, _ = run(short)  # includes instantiating the graph
-    t_short, n_short = run(short)
-    t_long, n_long = run(long)
-    return {"load_s": load, "first_call_s": first, "short_s": t_short, "long_s": t_long,
-            "steps": [n_short, n_long],
-            "s_per_token": (t_long - t_short) / max(n_long - n_short, 1),
-            "peak_rss_gib": _peak_rss_gib()}
+    (t_short, n_short), (t_long, n_long) = timed(short), timed(long)
+    result = {"load_s": load, "warmup_s": warmup,
+              "s_per_token": (t_long - t_short) / max(n_long - n_short, 1)}
+    for clients in args.clients:
+        run = run_load(generate, [_request(long)] * clients, clients)
+        if any(run.errors):
+            raise SystemExit(f"{clients} clients: {[e for e in run.errors if e]}")
+        summary = run.summary([o["token_ids"].shape[1] for o in run.outputs])
+        result[f"tokens_per_s_{clients}"] = summary["tokens_per_s"]
+        result[f"p99_s_{clients}"] = summary["p99_s"]
+    result["serve_peak_rss_gib"] = _peak_rss_gib()
+    return result
 
 
-def _subprocess(args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                          env=env, timeout=3600)
+def stage_keras(args):
+    from gemma_keras.generation import generate_ids
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    t0 = time.perf_counter()
+    model = _model(args.layers, args.dtype)
+    build = time.perf_counter() - t0
+    prompt = GemmaTokenizer(TOKENIZER).encode(PROMPT)  # the served model's prompt ids
+
+    def timed(n):
+        t, steps = time.perf_counter(), 0
+        for _ in generate_ids(model, [prompt], max_new_tokens=n, stop_token_ids=()):
+            steps += 1
+        return time.perf_counter() - t, steps
+
+    short, long = args.max_new
+    timed(short)  # compiles
+    (t_short, n_short), (t_long, n_long) = timed(short), timed(long)
+    return {"build_s": build, "s_per_token": (t_long - t_short) / (n_long - n_short),
+            "keras_peak_rss_gib": _peak_rss_gib()}
+
+
+STAGES = {"export": stage_export, "serve": stage_serve, "keras": stage_keras}
+
+
+# ---------------------------------------------------------------------------- parent
+def _subprocess(stage, args, **overrides):
+    argv = [sys.executable, __file__, "--stage", stage, "--layers", str(args.layers),
+            "--dtype", overrides.get("dtype", args.dtype), "--out-dir", str(args.out_dir),
+            "--variant", overrides.get("variant", "plain"),
+            "--max-new", *map(str, args.max_new), "--clients", *map(str, args.clients)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode:
-        raise SystemExit(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{stage} {overrides} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", nargs="?", default="all", choices=("all", "export", "serve"))
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6])
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="plain", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=("float32", "bfloat16"),
+                        help="bfloat16 runs only on CPUs with native bfloat16")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--max-new", type=int, nargs=2, default=[4, 12],
+                        help="short and long max_new_tokens (seconds/token is their difference; "
+                             "throughput uses the long one)")
+    parser.add_argument("--no-keras", action="store_true", help="skip the generate row")
     parser.add_argument("--out-dir", default="/tmp/gemma_saved_model_bench")
-    parser.add_argument("--max-new", type=int, nargs=2, default=[4, 20])
-    parser.add_argument("--min-free-gib", type=float, default=None)
     args = parser.parse_args()
-    out_dir = Path(args.out_dir)
-
-    if args.stage == "export":
-        print(json.dumps(stage_export(args.layers[0], out_dir)))
-        return
-    if args.stage == "serve":
-        print(json.dumps(stage_serve(out_dir / "1", *args.max_new)))
+    if args.stage:
+        print(json.dumps(STAGES[args.stage](args)))
         return
 
-    rows = []
-    for layers in args.layers:
-        need = args.min_free_gib or (2.4 + 0.32 * layers) * 1.3 + 1
-        if _available_gib() < need:
-            raise SystemExit(f"{layers} layers: need about {need:.1f} GiB free, "
+    dtypes = [d for d in args.dtypes if d == "float32" or machine.has_native_bfloat16()]
+    skipped = sorted(set(args.dtypes) - set(dtypes))
+    weights_gb = _config(args.layers).num_parameters() * 4 / 1e9
+    print(f"# {machine.describe()}; Gemma 2 2B width, {args.layers} layers, random weights "
+          f"({weights_gb:.1f} GB in float32); one prompt of {len(PROMPT.split())} words per "
+          f"request, greedy, max_new_tokens {args.max_new[1]}"
+          + (f"; skipped {skipped} (no native bfloat16 on this CPU)" if skipped else ""),
+          flush=True)
+    cols = [f"tok/s {c} client{'s' * (c > 1)}" for c in args.clients]
+    print("| dtype | runtime | export s | export peak GiB | load s | s/token (1 client) | "
+          + " | ".join(cols) + f" | {args.clients[-1]} vs 1 | p99 s at {args.clients[-1]} | "
+          "serve peak GiB | peak / weights |")
+    print("|---" * (10 + len(cols)) + "|")
+    for dtype in dtypes:
+        weights = weights_gb * (4 if dtype == "float32" else 2) / 4 * 1e9 / 2**30  # GiB
+        if _available_gib() < weights * 1.4 + 1:
+            raise SystemExit(f"need about {weights * 1.4 + 1:.1f} GiB free, "
                              f"{_available_gib():.1f} available")
-        target = out_dir / f"layers_{layers}"
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            exported = _subprocess(["export", "--layers", str(layers), "--out-dir", str(target)])
-            served = _subprocess(["serve", "--out-dir", str(target),
-                                  "--max-new", *map(str, args.max_new)])
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
-        rows.append({"layers": layers, **exported, **{f"serve_{k}": v for k, v in served.items()}})
-        print(json.dumps(rows[-1]), flush=True)
-
-    print("\n| layers | export s | saved_model.pb MB | variables GB | shards | load s | "
-          "s/token | tokens/s | peak RSS GiB (export, serve) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['layers']} | {r['export_s']:.0f} | {r['saved_model_pb_mb']:.1f} | "
-              f"{r['variables_gb']:.2f} | {r['shards']} | {r['serve_load_s']:.0f} | "
-              f"{r['serve_s_per_token']:.3f} | {1 / r['serve_s_per_token']:.2f} | "
-              f"{r['peak_rss_gib']:.1f}, {r['serve_peak_rss_gib']:.1f} |")
-    if len(rows) >= 2:
-        import numpy as np
-
-        x = np.array([r["layers"] for r in rows], float)
-        slope, intercept = np.polyfit(x, [r["serve_s_per_token"] for r in rows], 1)
-        pb_slope, pb_intercept = np.polyfit(x, [r["saved_model_pb_mb"] for r in rows], 1)
-        print(f"\nfitted to 26 layers: {intercept + 26 * slope:.2f} s/token "
-              f"({1 / (intercept + 26 * slope):.2f} tokens/s), saved_model.pb "
-              f"{pb_intercept + 26 * pb_slope:.1f} MB")
+        if not args.no_keras:
+            k = _subprocess("keras", args, dtype=dtype)
+            print(f"| {dtype} | Gemma2CausalLM.generate (XLA) | - | - | {k['build_s']:.0f} "
+                  f"(build) | {k['s_per_token']:.3f} | " + " | ".join("-" for _ in cols)
+                  + f" | - | - | {k['keras_peak_rss_gib']:.1f} | "
+                  f"{k['keras_peak_rss_gib'] / weights:.2f} |", flush=True)
+        for variant in args.variants:
+            shutil.rmtree(args.out_dir, ignore_errors=True)
+            try:
+                e = _subprocess("export", args, dtype=dtype, variant=variant)
+                s = _subprocess("serve", args, dtype=dtype, variant=variant)
+            finally:
+                shutil.rmtree(args.out_dir, ignore_errors=True)
+            speeds = [s[f"tokens_per_s_{c}"] for c in args.clients]
+            print(f"| {dtype} | SavedModel {variant} | {e['export_s']:.0f} | "
+                  f"{e['export_peak_rss_gib']:.1f} | {s['load_s']:.0f} | "
+                  f"{s['s_per_token']:.3f} | " + " | ".join(f"{v:.2f}" for v in speeds)
+                  + f" | {speeds[-1] / speeds[0]:.2f}x | {s[f'p99_s_{args.clients[-1]}']:.1f} | "
+                  f"{s['serve_peak_rss_gib']:.1f} | {s['serve_peak_rss_gib'] / weights:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
     import tensorflow as tf
 
     from gemma_keras.serving.batching import InGraphBatching
-    from gemma_keras.serving.core_ops import core_tf_slice_update, require_tensorflow_backend
+    from gemma_keras.serving.core_ops import core_tf_kernels, require_tensorflow_backend
     from gemma_keras.serving.module import GemmaServingModule
 
     from gemma_keras.causal_lm import Gemma2CausalLM
@@ -116,8 +116,9 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
             module = GemmaServingModule(model, staged, max_length, int(max_new_tokens),
                                         batching=bool(batching),
                                         in_graph_batching=in_graph_batching, xla=bool(xla))
-            # Under XLA the cache update stays XLA's own dynamic update slice.
-            with contextlib.nullcontext() if xla else core_tf_slice_update():
+            # Under XLA the cache update stays XLA's own dynamic update slice, and XLA's dot
+            # takes the [out, in] projections well at every batch size.
+            with contextlib.nullcontext() if xla else core_tf_kernels():
                 tf.saved_model.save(module, str(tmp), signatures=module.signatures(),
                                     options=options)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model server may be another user

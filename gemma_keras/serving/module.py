@@ -135,8 +135,8 @@ class GemmaServingModule(tf.Module):
     def signatures(self):
         """`{"serving_default": ..., "score": ...}` for `tf.saved_model.save`.
 
-        Without `xla`, save within `core_tf_slice_update()` so the functions trace to core
-        TensorFlow ops. The `tf.function`s (not concrete functions) are given so that the
+        Without `xla`, save within `core_ops.core_tf_kernels()` so the functions trace to
+        core TensorFlow ops that run well on TensorFlow's own kernels. The `tf.function`s (not concrete functions) are given so that the
         SavedModel records the optional inputs' defaults in the SignatureDef.
         """
         return {"serving_default": self.generate, "score": self.score}
