@@ -150,7 +150,8 @@ def distill(teacher_dir, student, data_path, out_dir, epochs=1, batch_size=8,
             sequence_length=None, temperature=DEFAULT_TEMPERATURE,
             student_loss_weight=DEFAULT_STUDENT_LOSS_WEIGHT, lora_rank=None, lora_alpha=None,
             lora_targets=None, learning_rate=None, validation_split=0.1, validation_path=None,
-            dtype=None, seed=0, overwrite=False, jit_compile="auto", verbose=1):
+            dtype=None, seed=0, overwrite=False, jit_compile="auto", run_eagerly=False,
+            verbose=1):
     """Distil the teacher model directory into `student` on a JSONL file and write the student
     to `out_dir` as a gemma-keras model directory (LoRA adapters, if any, merged).
 
@@ -178,7 +179,7 @@ def distill(teacher_dir, student, data_path, out_dir, epochs=1, batch_size=8,
     distiller = GemmaDistiller(teacher, model, temperature=temperature,
                                student_loss_weight=student_loss_weight)
     distiller.compile(optimizer=adamw(model, learning_rate=learning_rate),
-                      jit_compile=jit_compile)
+                      jit_compile=jit_compile, run_eagerly=run_eagerly)
     result = distiller.fit(
         train.tf_dataset(batch_size, seed=seed), epochs=epochs, shuffle=False, verbose=verbose,
         validation_data=val.tf_dataset(batch_size, shuffle=False) if val else None)

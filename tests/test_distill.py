@@ -134,7 +134,7 @@ def test_distill_command_trains_lora_on_the_student(tmp_path, capsys):
     # LoRA on a student directory (here the model itself, on a task it does not know)
     assert main(["distill", "--teacher", TINY, "--student", TINY, "--data", str(data),
                  "--out", str(tmp_path / "lora"), "--lora-rank", "4", "--batch-size", "16",
-                 "--learning-rate", "1e-2", "--no-jit", "--quiet"]) == 0
+                 "--learning-rate", "1e-2", "--eager", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1: label loss" in out and "distillation loss" in out
     assert (tmp_path / "lora.adapter.safetensors").is_file()

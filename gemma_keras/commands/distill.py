@@ -36,6 +36,8 @@ def register(subparsers):
     p.add_argument("--validation-split", type=float, default=0.1)
     p.add_argument("--dtype", default=None, help="Keras dtype policy (default: float32)")
     p.add_argument("--no-jit", action="store_true", help="do not XLA-compile the train step")
+    p.add_argument("--eager", action="store_true",
+                   help="run eagerly, without tracing the step (debugging; very short runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -54,6 +56,7 @@ def run(args):
         learning_rate=args.learning_rate, validation_split=args.validation_split,
         validation_path=args.validation_data, dtype=args.dtype, seed=args.seed,
         overwrite=args.overwrite, jit_compile=False if args.no_jit else "auto",
+        run_eagerly=args.eager,
         verbose=2 if args.quiet else 1)
     history = result["history"]
     for epoch, (student, distilled) in enumerate(zip(history["student_loss"],
