@@ -244,6 +244,15 @@ def _weights_restored(model, seed=0):
     return True
 
 
+def _cpu_seconds():
+    """User + system CPU seconds of this process: the export's cost on a shared machine,
+    where wall time depends on what else runs."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def stage_export(args):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
@@ -292,10 +301,10 @@ def stage_export(args):
     phase(export_lib, "_convert", "TF converter", after="quantize+write")
     phase(export_lib._ExportWeights, "__exit__", "restore Keras weights", after="cleanup")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     export_tflite(model, out, quantize=args.quantize, kv_cache_max_len=args.cache_len,
                   prefill_lens=[int(t) for t in args.prefill_lens.split(",")], progress=False)
-    export_s = time.perf_counter() - t0
+    export_s, export_cpu_s = time.perf_counter() - t0, _cpu_seconds() - cpu0
     phases = sampler.stop()
     peak = round(sampler.peak if sampler.exact else proc_status()["VmHWM"], 2)
     restored = _weights_restored(model) if not args.model_dir else None
@@ -305,7 +314,8 @@ def stage_export(args):
     record(args, "export", config=config_name(args), quantize=args.quantize,
            source=args.model_dir or "random Keras model in process",
            cache_len=args.cache_len, prefill_lens=args.prefill_lens, path=str(out),
-           build_s=round(build_s, 1), export_s=round(export_s, 1), phase_s=seconds,
+           build_s=round(build_s, 1), export_s=round(export_s, 1),
+           export_cpu_s=round(export_cpu_s, 1), loadavg_1min=os.getloadavg()[0], phase_s=seconds,
            file_bytes=size, weight_bytes=expected, size_ratio=round(size / expected, 4),
            embedding_buffers=len(info.buffers_of_shape((config.vocab_size,
                                                         config.hidden_size))),
@@ -959,13 +969,14 @@ def stage_report(args):
     print(f"\nMeasured memory bandwidth ({args.threads} threads, best of sgemv / torch.mv / "
           f"OR-reduce over 2 GiB): {runs} GB/s; the bound uses the best, {gb_s} GB/s\n")
     print("| file | quantize | cache | file bytes | weights at precision | ratio | build s "
-          "| export s | peak RSS GiB | peak in phase |")
+          "| export s (CPU s, 1-min load) | peak RSS GiB | peak in phase |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in exports:
         phases = r.get("phase_peak_rss_gib", {})
         print(f"| {Path(r['path']).name} | {r['quantize']} | {r['cache_len']} | "
               f"{r['file_bytes']:,} | {r['weight_bytes']:,} | {r['size_ratio']} | "
-              f"{r['build_s']} | {r['export_s']} | {r['peak_rss_gib']} | "
+              f"{r['build_s']} | {r['export_s']} ({r.get('export_cpu_s')}, "
+              f"{r.get('loadavg_1min')}) | {r['peak_rss_gib']} | "
               f"{', '.join(f'{k} {v}' for k, v in phases.items())} |")
     print("\n| runtime | file | cache | threads | prefill tok/s | decode tok/s | file GB/s "
           "| bound tok/s | % of bound | RSS GiB (anon + file) | RSS / file |")
