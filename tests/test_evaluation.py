@@ -339,3 +339,21 @@ def test_reference_with_another_tokenizer_is_refused(capsys, model_dir, data_dir
     assert code == 1
     assert "tokenizers differ" in err
     assert str(model_dir / "tokenizer.model") in err and "tiny/tokenizer.model" in err, err
+
+
+def test_tflite_evaluation_imports_neither_tensorflow_nor_keras(exports, data_dir):
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+from gemma_keras.evaluation.evaluate import evaluate
+report = evaluate(data={str(data_dir / 'docs.jsonl')!r}, tflite={str(exports['none'])!r})
+heavy = sorted(m for m in ("tensorflow", "keras", "tf_keras") if m in sys.modules)
+print(json.dumps({{"tokens": report["tokens"], "heavy": heavy}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [] and result["tokens"] > 0
