@@ -58,13 +58,6 @@ def converted(hub_model):
     return from_keras_hub(hub_model)
 
 
-@pytest.fixture(scope="module")
-def preset(hub_model, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("preset") / "preset"
-    hub_model.save_to_preset(str(directory))
-    return directory
-
-
 def hub_logits(hub_model, ids, mask):
     return np.asarray(hub_model({"token_ids": ids, "padding_mask": mask}))
 
@@ -168,17 +161,22 @@ def test_query_pre_attn_scalar_keras_hub_lacks_is_folded(hf_checkpoint, padded_b
 
 # ------------------------------------------------------------------------ directories (CLI)
 @pytest.fixture(scope="module")
-def cli_round_trip(preset, tmp_path_factory):
+def cli_round_trip(hidden_norm_preset, tmp_path_factory):
+    """The query_head_dim_normalize=False preset (whose flag keras-hub does not follow) through
+    the command line and back."""
     root = tmp_path_factory.mktemp("cli")
     keras_dir, hub_dir = root / "keras", root / "hub"
-    assert cli_main(["convert", str(preset), str(keras_dir), "--quiet"]) == 0
+    assert cli_main(["convert", str(hidden_norm_preset), str(keras_dir), "--quiet"]) == 0
     assert cli_main(["convert", "--to", "keras-hub", str(keras_dir), str(hub_dir),
                      "--quiet"]) == 0
     return keras_dir, hub_dir
 
 
-def test_cli_preset_to_model_dir_equals_keras_hub(cli_round_trip, hub_model, padded_batch):
+def test_cli_preset_to_model_dir_equals_keras_hub(cli_round_trip, hidden_norm_pair,
+                                                  padded_batch):
     from gemma_keras import Gemma2CausalLM
+
+    hub_model = hidden_norm_pair[0]
 
     model = Gemma2CausalLM.from_pretrained(cli_round_trip[0])
     ids, mask = padded_batch
@@ -188,8 +186,9 @@ def test_cli_preset_to_model_dir_equals_keras_hub(cli_round_trip, hub_model, pad
         hub_model.preprocessor.tokenizer.proto
 
 
-def test_cli_round_trip_preset_is_bit_identical(cli_round_trip, preset, hub_model):
-    hub_dir = cli_round_trip[1]
+def test_cli_round_trip_preset_is_bit_identical(cli_round_trip, hidden_norm_preset,
+                                                hidden_norm_pair):
+    hub_dir, preset, hub_model = cli_round_trip[1], hidden_norm_preset, hidden_norm_pair[0]
     for name in ("config.json", "task.json", "tokenizer.json", "preprocessor.json"):
         assert json.loads((hub_dir / name).read_text()) == \
             json.loads((preset / name).read_text()), name
