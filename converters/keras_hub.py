@@ -114,8 +114,8 @@ def from_keras_hub(model, dtype=None):
         assign_rows(variables[tensor.hf_name], 0, array)
     preprocessor = getattr(model, "preprocessor", None)
     out.keras_hub_notes = notes
-    out.keras_hub_origin = {"backbone": hub_config,
-                            "sequence_length": getattr(preprocessor, "sequence_length", None)}
+    setattr(out, ORIGIN_KEY, {"backbone": hub_config,
+                              "sequence_length": getattr(preprocessor, "sequence_length", None)})
     tokenizer = getattr(preprocessor, "tokenizer", None)
     proto = getattr(tokenizer, "proto", None)
     if proto is not None:
