@@ -619,28 +619,44 @@ def _write(out_path, source, model, found, scales_buffers, weights, block, progr
     from tqdm import tqdm
 
     order = _data_order(source, model, found, scales_buffers, block)
-    head = _pack_with_offsets(model, order)
     scales_of = {scales: weight for weight, scales in scales_buffers.items()}
-    tmp = out_path.with_name(f".{out_path.name}.partial")
+    pending = {}  # weight buffer -> its block scales, written right after it
     bar = tqdm(total=len(found), desc="requantize", unit="weight", disable=not progress)
+
+    def write_buffer(f, index):
+        if index in found:
+            pending[index] = _write_weight(f, source, found[index], weights, block)
+            bar.update(1)
+        elif index in scales_of:
+            f.write(pending.pop(scales_of[index]).tobytes())
+        else:
+            _copy(source, index, f)
+
+    try:
+        write_with_offsets(out_path, model, order, write_buffer)
+    finally:
+        bar.close()
+
+
+def write_with_offsets(out_path, model, order, write_buffer):
+    """Write `out_path`: `model`'s flatbuffer with each buffer of `order` (`[(index, size)]`)
+    at its final offset after it (16-byte aligned), each buffer's bytes written by
+    `write_buffer(file, index)`; under a temporary name, renamed when complete."""
+    head = _pack_with_offsets(model, order)
+    tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         with open(tmp, "wb") as f:
             f.write(head)
             for index, size in order:
                 _pad(f)
                 assert f.tell() == model.buffers[index].offset
-                if index in found:
-                    scales = _write_weight(f, source, found[index], weights, block)
-                    bar.update(1)
-                elif index in scales_of:
-                    f.write(scales.tobytes())
-                else:
-                    _copy(source, index, f)
-                assert f.tell() == model.buffers[index].offset + size
+                write_buffer(f, index)
+                if f.tell() != model.buffers[index].offset + size:
+                    raise AssertionError(f"buffer {index}: {f.tell() - model.buffers[index].offset}"
+                                         f" bytes written, {size} expected")
             _pad(f)
         os.replace(tmp, out_path)
     finally:
-        bar.close()
         if tmp.exists():
             tmp.unlink()
 

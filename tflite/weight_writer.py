@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_keras.tflite.requantize import (_TFLiteFile, _copy, _opcode_name, _pack_with_offsets,
-                                           _pad)
+from gemma_keras.tflite.requantize import _TFLiteFile, _copy, _opcode_name, write_with_offsets
 
 WEIGHT_MAP_METADATA = "gemma_keras_weights"
 ENCODINGS = ("none", "fp16", "dynamic_int8")
@@ -83,19 +82,13 @@ def write_weights(template_path, placeholders, source, encoding, out_path, progr
 def read_weight_map(path):
     """`{buffer index: {"tensor": hf_name, "factor": f}}` recorded in a file's metadata, or
     None for a file written without it."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    data = Path(path).read_bytes() if os.path.getsize(path) < (64 << 20) else None
     with _TFLiteFile(path) as f:
-        root = f.root
-        for i in range(root.MetadataLength()):
-            entry = root.Metadata(i)
+        for i in range(f.root.MetadataLength()):
+            entry = f.root.Metadata(i)
             if entry.Name() == WEIGHT_MAP_METADATA.encode():
                 position, size = f.span(entry.Buffer())
-                raw = data[position:position + size] if data else os.pread(f.fileno(), size,
-                                                                            position)
-                return {int(k): v for k, v in json.loads(raw)["buffers"].items()}
-    del schema
+                record = json.loads(os.pread(f.fileno(), size, position))
+                return {int(k): v for k, v in record["buffers"].items()}
     return None
 
 
@@ -381,29 +374,21 @@ def _write(out_path, template, model, referenced, weights, splats, source, encod
             order.append((index, len(value) * count))
         elif index < in_template and template.span(index)[1]:
             order.append((index, template.span(index)[1]))
-    head = _pack_with_offsets(model, order)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
     bar = tqdm(total=len(weights), desc=f"weights ({encoding})", unit="tensor",
                disable=not progress)
+
+    def write_buffer(f, index):
+        if index in by_buffer:
+            for block in _encoded_blocks(source, by_buffer[index], encoding):
+                f.write(block.tobytes())
+            bar.update(1)
+        elif index in splats:
+            value, count = splats[index]
+            f.write(value * count)
+        else:
+            _copy(template, index, f)
+
     try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for index, size in order:
-                _pad(f)
-                if index in by_buffer:
-                    for block in _encoded_blocks(source, by_buffer[index], encoding):
-                        f.write(block.tobytes())
-                    bar.update(1)
-                elif index in splats:
-                    value, count = splats[index]
-                    f.write(value * count)
-                else:
-                    _copy(template, index, f)
-                if f.tell() != model.buffers[index].offset + size:
-                    raise AssertionError(f"buffer {index}: wrote {f.tell()} bytes")
-            _pad(f)
-        os.replace(tmp, out_path)
+        write_with_offsets(out_path, model, order, write_buffer)
     finally:
         bar.close()
-        if tmp.exists():
-            tmp.unlink()
