@@ -74,7 +74,7 @@ def run_demo(workdir=None, lora_rank=8, lora_steps=256, exports=True, echo=print
          f"{result['before']:.0%}")
 
     report.section(f"3. LoRA fine-tune (rank {lora_rank}) on {NEW_TASK!r}")
-    train = encode_records(tiny_task.training_examples(1024, task=NEW_TASK), model.tokenizer,
+    train = encode_records(tiny_task.training_examples(4096, task=NEW_TASK), model.tokenizer,
                            sequence_length=32)
     model.enable_lora(lora_rank, targets="all")
     trainable = sum(int(v.numpy().size) for v in model.trainable_variables)
