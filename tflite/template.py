@@ -131,7 +131,7 @@ def convert_template(model, source, kv_cache_max_len, prefill_lens, quantize="no
     vectors = {s.hf_name: source.read(s.hf_name) for s in specs
                if s.hf_name not in placeholders}
     signatures = _signatures_class()(model, kv_cache_max_len, specs, placeholders, vectors)
-    functions = signatures.concrete_functions(prefill_lens, *([score_lens] if score_lens else []))
+    functions = signatures.concrete_functions(prefill_lens, score_lens)
     with tempfile.TemporaryDirectory(prefix=".gemma_tflite_template_", dir=work_dir) as work:
         saved_model_dir = Path(work) / "saved_model"
         tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
