@@ -96,14 +96,15 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
 
 
 def graph_weights(source, placeholders):
-    """`{hf_name: loader}` of the values the graph stores for each weight matrix (the
-    checkpoint's, times the placeholder's factor), loaded when called: `requantize`'s input."""
+    """`{hf_name: requantize.RowBlocks}` of the values the graph stores for each weight matrix
+    (the checkpoint's, times the placeholder's factor), read a block of rows at a time:
+    `requantize`'s input, which finds them by the int8 file's weight map."""
     import numpy as np
 
-    def loader(p):
-        def load():
-            values = source.read(p.name)
+    def reader(p):
+        def rows(start, stop):
+            values = source.rows(p.name, start, stop)
             return values * np.float32(p.factor) if p.factor != 1.0 else values
-        return load
+        return requantize_lib.RowBlocks(p.shape, rows)
 
-    return {name: loader(p) for name, p in placeholders.items()}
+    return {name: reader(p) for name, p in placeholders.items()}

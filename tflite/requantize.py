@@ -327,8 +327,22 @@ def _check_other_readers(model, found):
 
 
 # ------------------------------------------------------------------ matching float sources
+class RowBlocks:
+    """A float weight read a block of rows at a time: `rows(start, stop)` -> float32
+    [stop - start, cols]. As a value of `weights`, it is never loaded whole (for weights found
+    by the file's weight map; matching by value needs whole arrays)."""
+
+    def __init__(self, shape, rows):
+        self.shape, self.rows = tuple(shape), rows
+
+    def __getitem__(self, block):
+        return self.rows(block.start or 0, min(block.stop, self.shape[0]))
+
+
 def _load(weights, name):
     value = weights[name]
+    if isinstance(value, RowBlocks):
+        return value
     try:
         array = np.asarray(value() if callable(value) else value)
     except Exception as e:
@@ -340,6 +354,11 @@ def _load(weights, name):
 
 def _view(array, weight, transposed):
     """`array` as the [rows, cols] matrix of `weight` (reshaped, or reshaped and transposed)."""
+    if isinstance(array, RowBlocks):
+        if transposed or array.shape != (weight.rows, weight.cols):
+            raise ValueError(f"tensor {weight.name!r} [{weight.rows}, {weight.cols}] is not "
+                             f"the weight read in rows, of shape {list(array.shape)}")
+        return array
     if transposed:
         return array.reshape(weight.cols, weight.rows).T
     return array.reshape(weight.rows, weight.cols)
