@@ -11,7 +11,8 @@ needs: the log-probability of every token after the first, summed in float64.
   keras         `gemma_keras.evaluation.scorers.KerasScorer` on the random 2B
                 (`tflite_2b.random_causal_lm`): one forward pass per batch (default batch
                 size from `gemma_keras.defaults.eval_batch_size`: 1 for the 2B at 512 tokens,
-                so that the logits stay within 512 MiB); TensorFlow backend.
+                so that the logits stay within 512 MiB); once per --keras-backends entry
+                (TensorFlow and JAX by default).
   transformers  `Gemma2ForCausalLM` float32 (torch, its default attention), one forward pass
                 per document, log-softmax and gather in float32, sum in float64.
   tflite        `GemmaTFLite.logits_at_every_position` through the file's score_<T>
@@ -47,7 +48,7 @@ def documents(vocab_size):
     return [[2, *rng.integers(110, vocab_size, LENGTH - 1).tolist()] for _ in range(DOCUMENTS)]
 
 
-def config(layers, small=False):
+def config(layers, small=False, vocab=None):
     from gemma_keras.config import Gemma2Config
 
     if small:  # a dry run of the script
@@ -55,8 +56,10 @@ def config(layers, small=False):
 
         return Gemma2Config(**tflite_2b.SMALL)
     cfg = Gemma2Config.preset("gemma2_2b")
-    if layers:
-        cfg = Gemma2Config(**{**cfg.to_dict(), "num_hidden_layers": layers, "layer_types": None})
+    if layers or vocab:
+        cfg = Gemma2Config(**{**cfg.to_dict(), "num_hidden_layers": layers or
+                              cfg.num_hidden_layers, "layer_types": None,
+                              "vocab_size": vocab or cfg.vocab_size})
     return cfg
 
 
@@ -83,7 +86,7 @@ def stage_keras(args):
     from gemma_keras.evaluation.scorers import KerasScorer, score_tails
     from gemma_keras.tokenizer import GemmaTokenizer
 
-    cfg = config(args.layers, args.small)
+    cfg = config(args.layers, args.small, args.vocab)
     model = tflite_2b.random_causal_lm(cfg)
     model.tokenizer = GemmaTokenizer(tflite_2b.padded_tokenizer(
         cfg.vocab_size, Path(args.work) / "tokenizer.model"))
@@ -100,7 +103,7 @@ def stage_transformers(args):
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    cfg = config(args.layers, args.small)
+    cfg = config(args.layers, args.small, args.vocab)
     hf = Gemma2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                       intermediate_size=cfg.intermediate_size,
                       num_hidden_layers=cfg.num_hidden_layers,
@@ -149,11 +152,12 @@ def _result(score, docs):
 STAGES = {"keras": stage_keras, "transformers": stage_transformers, "tflite": stage_tflite}
 
 
-def run_stage(argv, timeout=1500):
+def run_stage(argv, timeout=1500, env=None):
     """Run one stage in a subprocess; its JSON result, or {"error": ...}."""
     try:
         proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True,
-                              text=True, timeout=timeout, cwd=Path(__file__).parent)
+                              text=True, timeout=timeout, cwd=Path(__file__).parent,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -174,8 +178,12 @@ def main():
     parser.add_argument("--layers", type=int, default=None,
                         help="the 2B's width with this many layers (a dry run)")
     parser.add_argument("--small", action="store_true", help="a tiny config (a dry run)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="another vocabulary size (with --layers: a small proxy)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="gemma-keras windows per forward pass (default: the package's)")
+    parser.add_argument("--keras-backends", default="tensorflow,jax",
+                        help="Keras backends to run gemma-keras on (default tensorflow,jax)")
     parser.add_argument("--work", default="/tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
@@ -183,16 +191,21 @@ def main():
         return
     common = [*(["--layers", str(args.layers)] if args.layers else []),
               *(["--small"] if args.small else []),
+              *(["--vocab", str(args.vocab)] if args.vocab else []),
               *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
     head = machine.describe()
-    results = {name: run_stage(["--stage", name, *common]) for name in ("keras",
-                                                                        "transformers")}
+    results = {f"gemma-keras ({backend})": run_stage(["--stage", "keras", *common],
+                                                     env={"KERAS_BACKEND": backend})
+               for backend in args.keras_backends.split(",")}
+    results["transformers"] = run_stage(["--stage", "transformers", *common])
     for path in args.tflite:
         extra = ["--tokenizer", args.tokenizer] if args.tokenizer else []
         results[f"tflite {Path(path).name}"] = run_stage(["--stage", "tflite", "--file", path,
                                                           *extra])
     what = ("small dry-run config" if args.small else "Gemma 2 2B" if not args.layers
             else f"2B width, {args.layers} of 26 layers")
+    if args.vocab:
+        what += f", vocabulary {args.vocab}"
     print(f"{head}\n\n{what}, random weights, float32; {DOCUMENTS} documents of {LENGTH} "
           "tokens; scoring = log-probability of every token after <bos>\n")
     print("| system | batch | seconds | tokens/s | vs transformers | nll | peak RSS GiB |")
