@@ -103,6 +103,18 @@ def _int_matmul_transposed(x, q):
     return ops.matmul(x, ops.transpose(q))
 
 
+def _after(q, tensor):
+    """`q`, read only once `tensor` exists. TensorFlow's executor runs an op as soon as its
+    inputs are ready, so without this it dequantizes every layer's weights at the start of
+    the backward pass (a float copy of the whole model); elsewhere `q` itself."""
+    if keras.backend.backend() != "tensorflow":
+        return q
+    import tensorflow as tf
+
+    with tf.control_dependencies([tensor]):
+        return tf.identity(q)
+
+
 def _block_rows(rows, cols):
     """Rows per block of the input gradient: all of them for a small matrix, else the largest
     divisor of `rows` whose block holds at most BACKWARD_BLOCK_ELEMENTS weights."""
@@ -118,14 +130,14 @@ def _dequantized_product(g, q):
     rows, cols = q.shape
     block = _block_rows(rows, cols)
     if block == rows:
-        return ops.matmul(g, ops.cast(q, g.dtype))
+        return ops.matmul(g, ops.cast(_after(q, g), g.dtype))
     flat = ops.reshape(g, (-1, rows))
     n = ops.shape(flat)[0]
 
     def body(i, total):
         start = i * block
         part = ops.slice(flat, (0, start), (n, block))
-        weights = ops.cast(ops.slice(q, (start, 0), (block, cols)), g.dtype)
+        weights = ops.cast(ops.slice(_after(q, total), (start, 0), (block, cols)), g.dtype)
         return total + ops.matmul(part, weights)
 
     total = ops.fori_loop(0, rows // block, body, ops.zeros((n, cols), g.dtype))
@@ -154,7 +166,7 @@ def quantized_matmul_transposed(x, q, scale, inputs_quantizer=None):
         else:
             from gemma_keras.layers import matmul_transposed
 
-            y = matmul_transposed(x, ops.cast(q, dtype)) / scale
+            y = matmul_transposed(x, ops.cast(_after(q, x), dtype)) / scale
         return y, grad
 
     return product(x, ops.convert_to_tensor(q), ops.convert_to_tensor(scale))
