@@ -159,8 +159,10 @@ class KerasScorer(Scorer):
         return self.model({"token_ids": ids, "padding_mask": mask}), ids, lengths
 
     def logits(self, sequences):
+        from keras import ops
+
         logits, _, lengths = self._forward(sequences)
-        logits = np.asarray(logits, np.float32)
+        logits = np.asarray(ops.convert_to_numpy(logits), np.float32)
         return [logits[row, :n] for row, n in enumerate(lengths)]
 
     def token_scores(self, sequences):
