@@ -32,7 +32,8 @@ from keras import ops
 
 MODES = ("int8", "int4")
 VALUE_RANGES = {"int8": (-127, 127), "int4": (-8, 7)}
-# The input gradient dequantizes at most this many weights at a time (a 128 MB float block).
+# Products with larger weight matrices go a block of rows at a time, each block at most this
+# many weights (128 MB in float32): the input gradient, and the int8 product on TensorFlow.
 BACKWARD_BLOCK_ELEMENTS = 1 << 25
 
 
@@ -124,6 +125,25 @@ def _block_rows(rows, cols):
     return max(d for d in range(1, limit + 1) if rows % d == 0)
 
 
+def _blocked_int_product(xq, q):
+    """`_int_matmul_transposed(xq, q)` a block of rows of `q` at a time: TensorFlow's CPU
+    int8 matmul widens its operands first (a 2.4 GB int32 copy of the 2B's embedding)."""
+    rows, cols = q.shape
+    block = _block_rows(rows, cols)
+    if block == rows:
+        return _int_matmul_transposed(xq, q)
+    flat = ops.reshape(xq, (-1, cols))
+    n = ops.shape(flat)[0]
+
+    def body(i, out):
+        start = i * block
+        part = _int_matmul_transposed(flat, ops.slice(_after(q, out), (start, 0), (block, cols)))
+        return ops.slice_update(out, (0, start), part)
+
+    out = ops.fori_loop(0, rows // block, body, ops.zeros((n, rows), "int32"))
+    return ops.reshape(out, (*ops.shape(xq)[:-1], rows))
+
+
 def _dequantized_product(g, q):
     """`g @ float(q)` for `g` [..., out] and `q` [out, in], dequantizing a block of rows of
     `q` at a time (a loop, so one block is alive at once)."""
@@ -162,7 +182,7 @@ def quantized_matmul_transposed(x, q, scale, inputs_quantizer=None):
 
         if inputs_quantizer:
             xq, x_scale = inputs_quantizer(x, axis=-1)
-            y = ops.cast(_int_matmul_transposed(xq, q), dtype) / (ops.cast(x_scale, dtype) * scale)
+            y = ops.cast(_blocked_int_product(xq, q), dtype) / (ops.cast(x_scale, dtype) * scale)
         else:
             from gemma_keras.layers import matmul_transposed
 

@@ -114,7 +114,12 @@ def test_weight_only_int8_is_the_dequantized_float_model_and_blocked_backward(he
     _, grads_blocked = loss_and_grads(model)
     for g, b in zip(grads_q, grads_blocked):
         np.testing.assert_allclose(b, g, rtol=1e-4, atol=1e-6)
+    # the int8 x int8 head product in blocks: the same int32 sums
+    w8a8 = load_tiny()
+    w8a8.quantize("int8")
+    blocked = forward(w8a8, part)
     monkeypatch.undo()
+    np.testing.assert_allclose(blocked, forward(w8a8, part), rtol=1e-6, atol=1e-6)
     dequantize(model)
     assert not quantization.is_quantized(model)
     logits_f, grads_f = loss_and_grads(model)
