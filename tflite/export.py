@@ -324,10 +324,11 @@ def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
 
     Args:
       quantize: one of `gemma_keras.tflite.QUANTIZATIONS`: "none" (float32), "fp16",
-        "dynamic_int8" (TensorFlow's converter, per-tensor scales), "weight_only_int8"
-        (ai-edge-quantizer on the float32 file, per channel), "int4_block32",
-        "int4_block128", "int4_channel" (the dynamic_int8 file's weights requantized from the
-        float32 originals, `requantize.py`; memory-bounded, so the full 2B fits).
+        "dynamic_int8" (TensorFlow's converter's encoding, per-tensor scales),
+        "weight_only_int8" (ai-edge-quantizer on the float32 file, per channel, in memory),
+        "int8_channel", "int4_block32", "int4_block128", "int4_channel" (the dynamic_int8
+        file's weights requantized from the float originals, `requantize.py`). All but
+        weight_only_int8 stream the weights from the model or its directory (`lean_export`).
       kv_cache_max_len: cache slots S; prompt plus generated tokens must fit in S. Default:
         1024, or the model's max_position_embeddings if smaller.
       prefill_lens: one `prefill_<T>` signature per length T. Default: 8, 64 and 256, those
