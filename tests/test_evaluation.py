@@ -357,3 +357,21 @@ print(json.dumps({{"tokens": report["tokens"], "heavy": heavy}}))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [] and result["tokens"] > 0
+
+
+def test_export_check_on_the_builtin_text(exports, model_dir, tiny_tokenizer):
+    from gemma_keras.evaluation.export_check import (
+        KL_WARN,
+        TOP1_WARN,
+        check_export,
+        quantization_warnings,
+    )
+    from gemma_keras.evaluation.heldout import HELDOUT_TEXT
+
+    report = check_export(exports["none"], model_dir, context=CACHE_LEN)
+    assert report["data"] == "built-in held-out text"
+    n = len(tiny_tokenizer.encode(HELDOUT_TEXT))  # disjoint windows: each one's first token
+    assert report["tokens"] == n - math.ceil(n / CACHE_LEN)  # (but <bos>) is not predicted
+    assert report["kl_mean"] < 1e-6 and report["warnings"] == []
+    far = {**report, "kl_mean": 2 * KL_WARN, "top1_agreement": TOP1_WARN / 2}
+    assert [w.split()[0] for w in quantization_warnings(far)] == ["mean", "top-1"]
