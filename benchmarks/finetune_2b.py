@@ -28,7 +28,8 @@ import time
 import numpy as np
 
 import machine
-from generate_2b import fast_random_initializers, gemma_config, peak_rss_bytes, rss_of
+from generate_2b import (fast_random_initializers, gemma_config, keras_hub_causal_lm,
+                         peak_rss_bytes, rss_of)
 
 RANK, STEPS = 8, 3
 SHAPES = ("1x128", "1x512", "4x128")  # batch x sequence length
@@ -98,23 +99,11 @@ def run_keras(system, batch, seq, smoke):
 
 def run_keras_hub(batch, seq, smoke):
     import keras
-    import keras_hub
 
     config = gemma_config(smoke)
-    fast_random_initializers()
     t = time.perf_counter()
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=config.vocab_size, num_layers=config.num_hidden_layers,
-        num_query_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, hidden_dim=config.hidden_size,
-        intermediate_dim=2 * config.intermediate_size, head_dim=config.head_dim,
-        query_head_dim_normalize=config.query_pre_attn_scalar == config.head_dim,
-        use_post_ffw_norm=True, use_post_attention_norm=True,
-        attention_logit_soft_cap=config.attn_logit_softcapping,
-        final_logit_soft_cap=config.final_logit_softcapping,
-        use_sliding_window_attention=True, sliding_window_size=config.sliding_window,
-        layer_norm_epsilon=config.rms_norm_eps, dtype="float32")
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    lm = keras_hub_causal_lm(config)
+    backbone = lm.backbone
     backbone.enable_lora(RANK, target_layer_names=["query", "key", "value",
                                                    "attention_output"])
     optimizer = keras.optimizers.AdamW(learning_rate=2e-4, weight_decay=0.01, clipnorm=1.0)

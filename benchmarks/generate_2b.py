@@ -132,13 +132,12 @@ def run_gemma_keras(dtype, new, smoke):
                 decode_s=times[-1] - times[0], decode_tokens=len(times) - 1)
 
 
-def run_keras_hub(new, smoke):
+def keras_hub_causal_lm(config):
+    """keras-hub 0.32's GemmaCausalLM configured as the Gemma 2 `config` (float32, random
+    weights from `fast_random_initializers`, no preprocessor)."""
     import keras_hub
-    import tensorflow as tf
 
-    config = gemma_config(smoke)
     fast_random_initializers()
-    t = time.perf_counter()
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=config.vocab_size, num_layers=config.num_hidden_layers,
         num_query_heads=config.num_attention_heads,
@@ -151,7 +150,15 @@ def run_keras_hub(new, smoke):
         use_sliding_window_attention=True, sliding_window_size=config.sliding_window,
         layer_norm_epsilon=config.rms_norm_eps, dtype="float32",
     )
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def run_keras_hub(new, smoke):
+    import tensorflow as tf
+
+    config = gemma_config(smoke)
+    t = time.perf_counter()
+    lm = keras_hub_causal_lm(config)
     build = time.perf_counter() - t
     total = PROMPT + new
     token_ids = np.zeros((1, total), np.int32)
