@@ -85,7 +85,7 @@ def torch_logits(model, ids, mask):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Tests that train (marked `trains`) assert what holds on every CPU: accuracy with a margin, a
-# loss that falls, agreement with a reference computed in the same process. scripts/test.sh
+# loss that falls, agreement with a reference computed in the same process. `.ci/run`
 # runs them a second time under perturbed numerics (oneDNN off, one thread, this seed 1) to
 # show it; they seed with TRAIN_SEED.
 TRAIN_SEED = int(os.environ.get("GEMMA_KERAS_TRAIN_SEED", "0"))
