@@ -22,14 +22,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 
 import machine
 from generate_2b import (fast_random_initializers, gemma_config, keras_hub_causal_lm,
-                         peak_rss_bytes, rss_of)
+                         peak_rss_bytes, run_capped)
 
 RANK, STEPS = 8, 3
 SHAPES = ("1x128", "1x512", "4x128")  # batch x sequence length
@@ -173,36 +172,7 @@ def run_child(system, shape, smoke, rss_cap, time_limit):
     if SYSTEMS[system][0] == "torch":
         env["KERAS_BACKEND"] = "tensorflow"
     cmd = [sys.executable, __file__, "--child", system, "--shapes", shape]
-    proc = subprocess.Popen(cmd + (["--smoke"] if smoke else []), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = [], []
-    readers = [threading.Thread(target=lambda s=s, o=o: o.extend(s), daemon=True)
-               for s, o in ((proc.stdout, out), (proc.stderr, err))]
-    for reader in readers:
-        reader.start()
-    start, peak, status = time.perf_counter(), 0, None
-    while proc.poll() is None:
-        peak = max(peak, rss_of(proc.pid))
-        if peak > rss_cap:
-            status = f"killed: resident memory passed {rss_cap / 2**30:.0f} GiB"
-        elif time.perf_counter() - start > time_limit:
-            status = f"killed: over the {time_limit:.0f} s limit"
-        if status:
-            proc.kill()
-            break
-        time.sleep(0.2)
-    proc.wait()
-    for reader in readers:
-        reader.join(5)
-    lines = [line for line in out if line.startswith("RESULT ")]
-    if lines and not status:
-        result = {**json.loads(lines[-1][7:]), "status": "ok"}
-    else:
-        tail = "".join(err[-3:]).strip().replace("\n", " | ")[-300:]
-        result = {"status": status or f"failed (exit {proc.returncode}): {tail}"}
-    result["peak_rss"] = max(result.get("peak_rss", 0), peak)
-    result["wall_s"] = time.perf_counter() - start
-    return result
+    return run_capped(cmd + (["--smoke"] if smoke else []), rss_cap, time_limit, env)
 
 
 def row(system, shape, result, float32_bytes):

@@ -254,41 +254,45 @@ def rss_of(pid):
     return 0
 
 
-def run_system(system, smoke, rss_cap):
-    limit = SYSTEMS[system][0]
-    cmd = [sys.executable, __file__, "--child", system] + (["--smoke"] if smoke else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    err = []
-    err_reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
-    reader.start()
-    err_reader.start()
+def run_capped(cmd, rss_cap, time_limit, env=None):
+    """Run `cmd` (a benchmark child that prints one `RESULT {json}` line), killing it past
+    `rss_cap` bytes resident or `time_limit` seconds. Returns its result with `status`
+    ("ok", or why it was killed or failed), `peak_rss` and `wall_s`."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out, err = [], []
+    readers = [threading.Thread(target=lambda s=s, o=o: o.extend(s), daemon=True)
+               for s, o in ((proc.stdout, out), (proc.stderr, err))]
+    for reader in readers:
+        reader.start()
     start, peak, status = time.perf_counter(), 0, None
     while proc.poll() is None:
         peak = max(peak, rss_of(proc.pid))
         if peak > rss_cap:
             status = f"killed: resident memory passed the {rss_cap / 2**30:.0f} GiB cap"
-        elif time.perf_counter() - start > limit:
-            status = f"killed: over the {limit} s time limit"
+        elif time.perf_counter() - start > time_limit:
+            status = f"killed: over the {time_limit:.0f} s time limit"
         if status:
             proc.kill()
             break
         time.sleep(0.2)
     proc.wait()
-    reader.join(5)
-    err_reader.join(5)
-    elapsed = time.perf_counter() - start
-    lines = [l for l in out if l.startswith("RESULT ")]
+    for reader in readers:
+        reader.join(5)
+    lines = [line for line in out if line.startswith("RESULT ")]
     if lines and not status:
-        result = json.loads(lines[-1][7:])
-        result["status"] = "ok"
+        result = {**json.loads(lines[-1][7:]), "status": "ok"}
     else:
         tail = "".join(err[-3:]).strip().replace("\n", " | ")[-300:]
         result = {"status": status or f"failed (exit {proc.returncode}): {tail}"}
-    result["wall_s"] = elapsed
+    result["wall_s"] = time.perf_counter() - start
     result["peak_rss"] = max(result.get("peak_rss", 0), peak)
     return result
+
+
+def run_system(system, smoke, rss_cap):
+    cmd = [sys.executable, __file__, "--child", system] + (["--smoke"] if smoke else [])
+    return run_capped(cmd, rss_cap, SYSTEMS[system][0])
 
 
 def main():
