@@ -354,7 +354,9 @@ def random_graph_weights(config, seed=0, kernels="out_in"):
 
     import numpy as np
 
-    cap = config.final_logit_softcapping
+    from gemma_keras.conventions import stored_table_scale
+
+    table_scale = np.float32(stored_table_scale(config))
 
     def loader(index, path, shape):
         def load():
@@ -362,8 +364,8 @@ def random_graph_weights(config, seed=0, kernels="out_in"):
             variable = types.SimpleNamespace(shape=shape)
             for start, block in _original_chunks(variable, index, seed):
                 out[start:start + len(block)] = block
-            if path == "embed_tokens/embeddings" and cap:
-                out *= np.float32(1.0 / cap)
+            if path == "embed_tokens/embeddings":
+                out *= table_scale
             return out
 
         return load

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from gemma_keras import conventions
 from gemma_keras.attention import attention_masks
 from gemma_keras.config import Gemma2Config
 from gemma_keras.decoder_block import Gemma2DecoderBlock
@@ -131,15 +132,13 @@ class Gemma2Backbone(keras.Model):
         """`(k_shape, v_shape)` of one layer's cache: keys [batch, kv_heads, max_length,
         head_dim] and values transposed, [batch, kv_heads, head_dim, max_length] (see
         `Gemma2Attention`)."""
-        c = self.config
-        return ((batch_size, c.num_key_value_heads, max_length, c.head_dim),
-                (batch_size, c.num_key_value_heads, c.head_dim, max_length))
+        return conventions.cache_shapes(self.config, batch_size, max_length)
 
     @staticmethod
     def cache_slots(cache):
         """The number of slots of a cache made by `init_cache` (the axis `cache_shapes` puts
         them on)."""
-        return ops.shape(cache[0][0])[2]
+        return ops.shape(cache[0][0])[conventions.CACHE_SLOT_AXIS]
 
     def init_cache(self, batch_size, max_length, dtype=None):
         """An empty KV cache: per layer `(k, v)`, shaped as `cache_shapes` says."""

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 
+from gemma_keras import conventions
+
 _HF_MODEL_TYPE = "gemma2"
 
 
@@ -40,11 +42,11 @@ class Gemma2Config:
     # "sliding_attention" or "full_attention" per layer; None means Gemma 2's
     # alternation: sliding on even-indexed layers, global on odd ones.
     layer_types: list[str] | None = None
-    pad_token_id: int = 0
-    eos_token_id: int = 1
-    bos_token_id: int = 2
-    start_of_turn_id: int = 106
-    end_of_turn_id: int = 107
+    pad_token_id: int = conventions.PAD_ID
+    eos_token_id: int = conventions.EOS_ID
+    bos_token_id: int = conventions.BOS_ID
+    start_of_turn_id: int = conventions.START_OF_TURN_ID
+    end_of_turn_id: int = conventions.END_OF_TURN_ID
 
     def __post_init__(self):
         if self.layer_types is None:

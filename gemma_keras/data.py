@@ -28,9 +28,8 @@ import os
 
 import numpy as np
 
-from gemma_keras.tokenizer import END_OF_TURN, START_OF_TURN
+from gemma_keras.conventions import END_OF_TURN, TURN_ROLES, turn, turn_start
 
-_ROLES = {"user": "user", "model": "model", "assistant": "model"}
 _FORMS = "'text', 'prompt' and 'response', or 'messages'"
 
 
@@ -96,17 +95,17 @@ def record_segments(record: dict, where: str = "record") -> list[tuple[str, bool
     for n, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: message {n} must be an object with 'role' and 'content'")
-        role = _ROLES.get(message["role"])
+        role = TURN_ROLES.get(message["role"])
         if role is None:
             raise DataError(f"{where}: message {n} has role {message['role']!r}; "
                             "expected 'user', 'model' or 'assistant'")
         content = _text_field(message, "content", f"{where}: message {n}")
         if role == "user":
-            segments.append((f"{START_OF_TURN}user\n{content}{END_OF_TURN}\n", False))
+            segments.append((turn("user", content), False))
         else:
             if not content:
                 raise DataError(f"{where}: message {n} (model turn) is empty")
-            segments.append((f"{START_OF_TURN}model\n", False))
+            segments.append((turn_start("model"), False))
             segments.append((f"{content}{END_OF_TURN}\n", True))
     if not any(trained for _, trained in segments):
         raise DataError(f"{where}: no model turn to learn from (the last turn is the user's)")

@@ -4,7 +4,7 @@ This module imports only `sentencepiece` at load time, so the TFLite runtime can
 without TensorFlow or Keras. The TensorFlow pieces (`tf_tokenizer`, `tf_encode`,
 `tf_decode`) import tensorflow-text when first used.
 
-Special ids (Gemma's): pad 0, eos 1, bos 2, unk 3, `<start_of_turn>` 106, `<end_of_turn>` 107.
+Gemma's special ids and turn format are in `gemma_keras.conventions`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,23 @@ import os
 
 import sentencepiece as spm
 
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
-START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
-START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
+from gemma_keras.conventions import (
+    BOS_ID,
+    END_OF_TURN,
+    END_OF_TURN_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_PIECES,
+    START_OF_TURN,
+    START_OF_TURN_ID,
+    TURN_ROLES,
+    UNK_ID,
+    turn,
+    turn_start,
+)
 
 # Gemma's reserved pieces between unk (3) and <start_of_turn> (106): ids 4..105.
 _GEMMA_FILLERS = ["<mask>", "<2mass>", "[@BOS@]"] + [f"<unused{i}>" for i in range(99)]
-_ROLES = {"user": "user", "model": "model", "assistant": "model"}
 
 
 class GemmaTokenizer:
@@ -51,8 +61,7 @@ class GemmaTokenizer:
         self._tf_tokenizer = None
 
     def _check_special_ids(self):
-        expected = {PAD_ID: "<pad>", EOS_ID: "<eos>", BOS_ID: "<bos>",
-                    START_OF_TURN_ID: START_OF_TURN, END_OF_TURN_ID: END_OF_TURN}
+        expected = SPECIAL_PIECES
         if self._sp.GetPieceSize() <= END_OF_TURN_ID:
             raise ValueError(
                 f"{self._proto_path}: vocabulary of {self._sp.GetPieceSize()} pieces is too "
@@ -140,15 +149,15 @@ class GemmaTokenizer:
                 raise ValueError(
                     "Gemma 2 has no 'system' role; put the instructions in the first user turn"
                 )
-            if role not in _ROLES:
+            if role not in TURN_ROLES:
                 raise ValueError(
                     f"message {n} has role {role!r}; expected 'user', 'model' or 'assistant'"
                 )
             if not isinstance(content, str):
                 raise ValueError(f"message {n} content must be a str, got {type(content).__name__}")
-            parts.append(f"{START_OF_TURN}{_ROLES[role]}\n{content}{END_OF_TURN}\n")
+            parts.append(turn(role, content))
         if add_generation_prompt:
-            parts.append(f"{START_OF_TURN}model\n")
+            parts.append(turn_start("model"))
         return "".join(parts)
 
     # ------------------------------------------------------------ TensorFlow use

@@ -40,13 +40,14 @@ from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras import defaults
 from gemma_keras.tflite.native_log import stderr_captured
-from gemma_keras.tflite.signatures import (
+from gemma_keras.conventions import (
     DECODE,
     LOGITS,
     MASK_VISIBLE_ABOVE,
     cache_names,
     prefill_name,
     score_name,
+    stored_table_scale,
 )
 
 
@@ -160,17 +161,10 @@ class _GemmaSignatures:
         return outputs
 
     def table(self):
-        """The one stored embedding table, `E / final_logit_softcapping`.
-
-        TensorFlow's converter folds a constant scale after FULLY_CONNECTED into a scaled copy
-        of its weights, so `cap * tanh((h @ E.T) / cap)` would store the embedding twice. With
-        the table stored already divided by the cap, the head needs no scale and the token
-        lookup multiplies by `sqrt(hidden) * cap` instead of `sqrt(hidden)`: both read the
-        same tensor.
-        """
+        """The one stored embedding table, `E * conventions.stored_table_scale(config)`."""
         tf = self.tf
         embedding = tf.convert_to_tensor(self.model.backbone.embed_tokens.embeddings)
-        return embedding * tf.constant(1.0 / self._cap, embedding.dtype)
+        return embedding * tf.constant(stored_table_scale(self.config), embedding.dtype)
 
     @property
     def _cap(self):

@@ -30,17 +30,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from gemma_keras.tflite.signatures import (
+from gemma_keras.conventions import (
+    BOS_ID,
     DECODE,
+    END_OF_TURN_ID,
+    EOS_ID,
     INPUT_POS,
     LOGITS,
     MASK,
     TOKENS,
     prefill_lengths,
 )
-
-# Gemma's special ids (gemma_keras/config.py); the tokenizer is checked against them.
-BOS_ID, EOS_ID, END_OF_TURN_ID = 2, 1, 107
 
 # Gemma's chat turns, as LiteRT-LM's prompt templates (used when a session or conversation
 # applies the template) and as the Jinja template of its Conversation API.

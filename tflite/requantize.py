@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_keras.conventions import stored_table_scale
+
 # Each int4 mode's block size along a row; None: one scale per row (per channel).
 BLOCK_SIZES = {"int4_block32": 32, "int4_block128": 128, "int4_channel": None,
                "int8_channel": None}
@@ -130,10 +132,10 @@ def checkpoint_weights(checkpoint, model):
 
 
 def _graph_values(model, path, load):
-    cap = model.config.final_logit_softcapping
-    if not path.endswith("embed_tokens/embeddings") or not cap:
+    scale = stored_table_scale(model.config)
+    if not path.endswith("embed_tokens/embeddings") or scale == 1.0:
         return load
-    return lambda: np.asarray(load(), np.float32) * np.float32(1.0 / cap)
+    return lambda: np.asarray(load(), np.float32) * np.float32(scale)
 
 
 # ------------------------------------------------------------------ reading the int8 file

@@ -25,12 +25,15 @@ from gemma_keras import defaults
 from gemma_keras.samplers import get_sampler
 from gemma_keras.tflite.native_log import stderr_captured
 from gemma_keras.tokenizer import stream_text
-from gemma_keras.tflite.signatures import (
+from gemma_keras.conventions import (
     DECODE,
+    END_OF_TURN_ID,
+    EOS_ID,
     INPUT_POS,
     LOGITS,
     MASK,
     MASK_HIDDEN,
+    PAD_ID,
     SCORE_PREFIX,
     TOKENS,
     prefill_lengths,
@@ -38,7 +41,6 @@ from gemma_keras.tflite.signatures import (
     score_name,
 )
 
-EOS_ID, END_OF_TURN_ID, PAD_ID = 1, 107, 0
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}
 _CACHE_SUFFIX = ".xnnpack_cache"
 

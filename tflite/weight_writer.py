@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_keras.conventions import WEIGHT_MAP_METADATA
 from gemma_keras.tflite.requantize import _TFLiteFile, _copy, _opcode_name, write_with_offsets
 
-WEIGHT_MAP_METADATA = "gemma_keras_weights"
+
 ENCODINGS = ("none", "fp16", "dynamic_int8")
 _CHUNK_BYTES = 16 << 20
 # The versions TensorFlow's converter gives the ops it quantizes in "dynamic_int8" (from

@@ -23,9 +23,9 @@ import tensorflow as tf
 from gemma_keras.generation import MIN_CACHE, PREFILL_CHUNK
 from gemma_keras.serving.batching import batch_function
 from gemma_keras.serving.sampling import next_token
-from gemma_keras.tokenizer import END_OF_TURN_ID, EOS_ID, PAD_ID, GemmaTokenizer
+from gemma_keras.conventions import PAD_ID, STOP_IDS
+from gemma_keras.tokenizer import GemmaTokenizer
 
-STOP_IDS = (EOS_ID, END_OF_TURN_ID)
 GENERATE_INPUTS = (("prompts", tf.string), ("max_new_tokens", tf.int32),
                    ("temperature", tf.float32), ("top_k", tf.int32), ("top_p", tf.float32),
                    ("seed", tf.int64))
