@@ -12,7 +12,8 @@ import gc
 import time
 from pathlib import Path
 
-from gemma_keras.converters.files import TOKENIZER_NAME, atomic_directory
+from gemma_keras.atomic_files import atomic_directory
+from gemma_keras.converters.files import TOKENIZER_NAME
 from gemma_keras.converters.hf_checkpoint import (check_hf_checkpoint, fill_from_checkpoint,
                                                   read_hf_config)
 from gemma_keras.converters.hf_export import MAX_SHARD_BYTES as HF_SHARD_BYTES

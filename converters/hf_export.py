@@ -7,7 +7,8 @@ from pathlib import Path
 
 import keras
 
-from gemma_keras.converters.files import atomic_directory, copy_tokenizer, model_tokenizer_path
+from gemma_keras.atomic_files import atomic_directory
+from gemma_keras.converters.files import copy_tokenizer, model_tokenizer_path
 from gemma_keras.converters.safetensors_io import TensorEntry, write_sharded
 from gemma_keras.converters.streaming import rows_per_block, variable_rows
 from gemma_keras.converters.weight_map import weight_specs

@@ -23,7 +23,8 @@ import keras
 
 import gemma_keras
 from gemma_keras.config import Gemma2Config
-from gemma_keras.converters.files import atomic_directory, attach_tokenizer, copy_tokenizer
+from gemma_keras.atomic_files import atomic_directory
+from gemma_keras.converters.files import attach_tokenizer, copy_tokenizer
 from gemma_keras.converters.safetensors_io import CheckpointError
 from gemma_keras.converters.streaming import (assign_rows, empty_causal_lm, rows_per_block,
                                               variable_rows)

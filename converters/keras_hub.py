@@ -28,7 +28,8 @@ import keras
 import numpy as np
 
 from gemma_keras.converters.convert import ConversionSummary
-from gemma_keras.converters.files import TOKENIZER_NAME, atomic_directory, attach_tokenizer
+from gemma_keras.atomic_files import atomic_directory
+from gemma_keras.converters.files import TOKENIZER_NAME, attach_tokenizer
 from gemma_keras.converters.keras_dir import (MAX_SHARD_BYTES, METADATA_NAME, is_model_dir,
                                               read_metadata, weights_summary, write_model_dir)
 from gemma_keras.converters.keras_hub_config import (CONFIG_NAME, from_hub_config,

@@ -39,6 +39,7 @@ from pathlib import Path
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras import defaults
+from gemma_keras.atomic_files import write_atomically
 from gemma_keras.tflite.native_log import stderr_captured
 from gemma_keras.conventions import (
     DECODE,
@@ -410,7 +411,7 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
                 steps.update(f"converted ({mode})")
                 if mode == "dynamic_int8":  # written (and freed) now: the int4 modes read it
                     int8_path = outputs.get(mode, Path(work) / "dynamic_int8.tflite")
-                    _write_atomically(int8_path, converted.pop(mode))
+                    write_atomically(int8_path, converted.pop(mode))
             lookups = None
             if "weight_only_int8" in outputs:
                 lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])
@@ -419,9 +420,9 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
                     floats = requantize_lib.checkpoint_weights(checkpoint, model)
                     requantize_lib.requantize_tflite(int8_path, floats, quantize, out)
                 elif quantize == "weight_only_int8":
-                    _write_atomically(out, quantize_lib.quantize_flatbuffer(lookups, quantize))
+                    write_atomically(out, quantize_lib.quantize_flatbuffer(lookups, quantize))
                 elif quantize != "dynamic_int8":
-                    _write_atomically(out, converted[quantize])
+                    write_atomically(out, converted[quantize])
                 steps.update(f"wrote {out.name}")
             converted = lookups = None  # freed before the Keras weights return
         # (leaving `_ExportWeights` restored the Keras weights from the checkpoint)
@@ -429,14 +430,6 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
     return outputs
 
 
-def _write_atomically(path, data):
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class _progress:

@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from gemma_keras.atomic_files import write_atomically
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras.tflite import template as template_lib
@@ -86,11 +87,9 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
                                                  outputs[quantize])
                 steps.update(f"wrote {outputs[quantize].name}")
         if "weight_only_int8" in outputs:
-            from gemma_keras.tflite.export import _write_atomically
-
             lookups = quantize_lib.gathers_to_embedding_lookups(files["none"].read_bytes())
-            _write_atomically(outputs["weight_only_int8"],
-                              quantize_lib.quantize_flatbuffer(lookups, "weight_only_int8"))
+            write_atomically(outputs["weight_only_int8"],
+                             quantize_lib.quantize_flatbuffer(lookups, "weight_only_int8"))
             steps.update(f"wrote {outputs['weight_only_int8'].name}")
     return outputs
 
