@@ -28,7 +28,7 @@ def run(args):
     import sys
 
     from gemma_keras.commands.generate import load, sampling_kwargs
-    from gemma_keras.generation import ChatSession
+    from gemma_keras.chat import ChatSession
 
     session = ChatSession(load(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
                           **sampling_kwargs(args))
