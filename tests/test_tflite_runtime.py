@@ -68,6 +68,37 @@ print("LOADED", loaded)
     assert "LOADED []" in result.stdout, result.stdout
 
 
+CHECK_IMPORTS_AT_EXIT = """
+import atexit, sys
+
+def report():
+    heavy = sorted(m for m in sys.modules
+                   if m.split(".")[0] in ("tensorflow", "keras", "tf_keras", "keras_hub"))
+    print("LOADED", heavy)
+
+atexit.register(report)
+sys.argv = ["gemma-keras", *sys.argv[1:]]
+from gemma_keras.cli import run
+run()
+"""
+
+
+@pytest.mark.parametrize("command, stdin, expected", [
+    (["generate", "--chat", "reverse: red fish blue fish"], None, ["fish blue fish red"]),
+    (["chat"], "reverse: cat dog sun\nreverse: red blue\n", ["sun dog cat", "blue red"]),
+])
+def test_cli_with_tflite_imports_neither_tensorflow_nor_keras(tiny_exports, command, stdin,
+                                                               expected):
+    """`gemma-keras generate --tflite` and `gemma-keras chat --tflite` (the console command,
+    in a fresh process) answer without importing TensorFlow or Keras (checked at exit)."""
+    args = [*command, "--tflite", str(tiny_exports["none"]), "--tokenizer",
+            f"{TINY}/tokenizer.model", "--max-new-tokens", "8"]
+    result = subprocess.run([sys.executable, "-c", CHECK_IMPORTS_AT_EXIT, *args], input=stdin,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [*expected, "LOADED []"]
+
+
 def test_chunked_prefill_matches_keras(runtime, tiny_lm):
     """A prompt longer than the largest prefill length (8) goes in as 8 + 8 + 8 + 4 (3
     tokens and a pad), then its last token through decode; the logits match Keras."""
