@@ -28,8 +28,8 @@ from gemma_keras.tokenizer import stream_text
 class DecodeBackend(Protocol):
     """What the decode loop needs from a runtime.
 
-    `capacity`: the most tokens (prompt and new) one row may hold; `limit_note` names that
-    limit in error messages. `max_batch_size`: the most prompts one generation may take.
+    `capacity`: the most tokens (prompt and new) one row may hold; `limit_note` says where
+    that limit comes from, in error messages. `max_batch_size`: the most prompts one generation may take.
     `vocab_size`, `stop_ids` (the default stop tokens), `bos_id`, `pad_id`.
     `prefill(prompts, max_new_tokens)`: run the prompts (lists of ids) into a fresh cache
     with room for `max_new_tokens` more; the float32 logits [batch, vocab] after each.
@@ -110,8 +110,8 @@ def _limit(backend, max_length):
         return limit
     max_length = check_positive_int("max_length", max_length)
     if max_length > limit:
-        raise ValueError(f"max_length ({max_length}) exceeds {backend.limit_note} "
-                         f"({limit} positions)")
+        raise ValueError(f"max_length ({max_length}) exceeds the limit of {limit} positions "
+                         f"({backend.limit_note})")
     return max_length
 
 
@@ -120,7 +120,7 @@ def fit_to_limit(ids, max_new_tokens, limit, truncate, bos_id, limit_note):
     past `limit` tokens with `max_new_tokens` more; `limit_note` names the limit."""
     if max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be less than the length "
-                         f"limit ({limit})")
+                         f"limit of {limit} tokens (max_length, or {limit_note})")
     room = limit - max_new_tokens
     out = []
     for i, row in enumerate(ids):
@@ -128,7 +128,7 @@ def fit_to_limit(ids, max_new_tokens, limit, truncate, bos_id, limit_note):
             if not truncate:
                 raise ValueError(
                     f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} "
-                    f"that exceeds the limit of {limit} tokens (max_length or {limit_note}). "
+                    f"that exceeds the limit of {limit} tokens (max_length, or {limit_note}). "
                     f"Shorten it, lower max_new_tokens, or pass truncate=True to keep only "
                     f"its last {room} tokens")
             keep_bos = row[0] == bos_id and room > 1

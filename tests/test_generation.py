@@ -234,7 +234,8 @@ def test_batch_rows_draw_with_seed_plus_row(lm):
     (dict(sampler="top_k", seed=[1, 2]), "2 seeds for 3 prompts"),
     (dict(sampler="beam"), "sampler must be one of"),
     (dict(sampler="greedy", top_p=0.5), "no effect with sampler='greedy'"),
-    (dict(max_length=200), r"max_length \(200\) exceeds the model's context \(128"),
+    (dict(max_length=200), r"max_length \(200\) exceeds the limit of 128 positions \(the "
+                           r"model's context"),
     (dict(max_length=20, max_new_tokens=15), "prompt 0 has 7 tokens.*limit of 20 tokens"),
     (dict(max_new_tokens=128), r"max_new_tokens \(128\) must be less than"),
 ])

@@ -370,8 +370,8 @@ class TFLiteDecodeBackend:
     def __init__(self, runtime):
         self.runtime = runtime
         self.capacity, self.vocab_size = runtime.cache_len, runtime.vocab_size
-        self.limit_note = (f"the cache of {os.path.basename(runtime.path)}, set by "
-                           "--kv-cache-max-len at export")
+        self.limit_note = (f"{os.path.basename(runtime.path)} was exported with a cache of "
+                           f"{runtime.cache_len} slots, --kv-cache-max-len")
 
     def prefill(self, prompts, max_new_tokens):
         return self.runtime.start(prompts[0])[None]
