@@ -14,6 +14,12 @@ Export options (see `gemma_keras.saved_model.export_saved_model`):
 
 A request is checked (INVALID_ARGUMENT) on its own rows before anything is batched, and
 every limit is per prompt, so a request answers the same alone or merged with others.
+
+The in-graph loop follows the host loop of `gemma_keras.decoding` (which the Keras model and
+the TFLite runtime run): the stop ids and the cache-size rule of `gemma_keras.conventions`,
+left padding with the pad id, and the sampling definition of `gemma_keras.samplers` through
+its TensorFlow twin, `serving.sampling` (one seed for several prompts: prompt b draws with
+`seed + b`). So a prompt, its settings and its seed give the same tokens here as there.
 """
 
 from __future__ import annotations
