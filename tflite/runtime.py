@@ -39,6 +39,7 @@ from gemma_keras.conventions import (
     score_name,
 )
 from gemma_keras.tflite.native_log import stderr_captured
+from gemma_keras.tokenizer import GemmaTokenizer
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}
 _CACHE_SUFFIX = ".xnnpack_cache"
@@ -204,8 +205,6 @@ class GemmaTFLite:
             tokenizer_path = beside if os.path.isfile(beside) else None
         self.tokenizer = None
         if tokenizer_path is not None:
-            from gemma_keras.tokenizer import GemmaTokenizer
-
             self.tokenizer = GemmaTokenizer(tokenizer_path)
 
     def close(self):
