@@ -78,6 +78,19 @@ def row_seeds(seed, batch_size):
     return np.array([(s + 2**63) % 2**64 - 2**63 for s in seeds], np.int64)
 
 
+def ranked_ids(x, k):
+    """Ids [batch, k] of the `k` highest float64 scores `x` [batch, vocab] per row, ranked by
+    value, ties to the lower id (a stable sort of `-x`, done on the candidates only)."""
+    if k == x.shape[-1]:
+        return np.argsort(-x, axis=-1, kind="stable")
+    rows = []
+    for row in x:
+        kth = np.partition(row, row.size - k)[row.size - k]  # the k-th highest value
+        candidates = np.flatnonzero(row >= kth)  # ascending ids: stable sort keeps ties so
+        rows.append(candidates[np.argsort(-row[candidates], kind="stable")][:k])
+    return np.stack(rows)
+
+
 def kept_tokens(x, top_k=0, top_p=1.0):
     """bool [batch, vocab]: the tokens top-k and top-p keep of float64 scores `x` (step 3
     and 4 of the definition; `top_p` already read as float32)."""
@@ -85,7 +98,7 @@ def kept_tokens(x, top_k=0, top_p=1.0):
     k = vocab if not top_k else min(int(top_k), vocab)
     if k == vocab and top_p >= 1:
         return np.ones(x.shape, bool)
-    order = np.argsort(-x, axis=-1, kind="stable")[:, :k]  # by value, ties to the lower id
+    order = ranked_ids(x, k)
     keep = np.ones((batch, k), bool)
     if top_p < 1:
         ranked = np.take_along_axis(x, order, -1)
