@@ -135,7 +135,7 @@ class Gemma2Backbone(keras.Model):
         return conventions.cache_shapes(self.config, batch_size, max_length)
 
     @staticmethod
-    def cache_slots(cache):
+    def cache_size(cache):
         """The number of slots of a cache made by `init_cache` (the axis `cache_shapes` puts
         them on)."""
         return ops.shape(cache[0][0])[conventions.CACHE_SLOT_AXIS]
@@ -154,7 +154,7 @@ class Gemma2Backbone(keras.Model):
         """
         check_token_ids(token_ids, self.config.vocab_size)
         batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        slots = self.cache_slots(cache)
+        slots = self.cache_size(cache)
         if start is None:
             start = ops.zeros((batch,), "int32")
         start = ops.cast(start, "int32")[:, None]

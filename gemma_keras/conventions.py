@@ -106,3 +106,22 @@ def prefill_lengths(signature_names, prefix=PREFILL_PREFIX):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             lens.append(int(name[len(prefix):]))
     return sorted(lens)
+
+
+# ------------------------------------------------------------------ generation cache sizes
+# How a generation sizes its KV cache, so that a compiled step serves many prompt lengths:
+# prompts are left-padded to a multiple of PREFILL_CHUNK and prefilled one chunk at a time,
+# and the cache gets `cache_slots_for(prompt slots + new tokens)` slots. Keras `generate`
+# and the SavedModel's XLA export (its TensorFlow twin, `serving.module.cache_slots_for`)
+# follow it.
+PREFILL_CHUNK = 32
+MIN_CACHE_SLOTS = 64
+
+
+def cache_slots_for(n_tokens):
+    """The cache slots a generation allocates for `n_tokens` tokens: the next power of two
+    (at least MIN_CACHE_SLOTS) up to 4096, then the next multiple of 1024."""
+    n_tokens = int(n_tokens)
+    if n_tokens > 4096:
+        return -(-n_tokens // 1024) * 1024
+    return max(MIN_CACHE_SLOTS, 1 << (n_tokens - 1).bit_length())

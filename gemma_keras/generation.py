@@ -1,5 +1,9 @@
 """Text generation from a `Gemma2CausalLM` with a KV cache: prefill once, then one token a step.
 
+The decode loop, the prompt checks and the sampling are the runtime-independent ones of
+`gemma_keras.decoding` and `gemma_keras.samplers`; this module is the Keras side of it: the
+compiled model step and `KerasDecodeBackend`, which runs it for the loop.
+
 The batch is left-padded so that every row ends at the same cache slot; row b starts at slot
 `start[b]` (the backbone masks the slots before it and counts RoPE positions from it). The
 prompt is run once (prefill, `PREFILL_CHUNK` tokens at a time), then each step feeds only the
@@ -7,10 +11,10 @@ newest token and reads the past from the cache. One function does both: it runs 
 row into the cache and returns the logits of the last; it is compiled once per shape (on
 TensorFlow, `tf.function` with XLA (`jit_compile=True`); `jax.jit` with the cache donated on
 JAX; eager on PyTorch) and kept on the model, so repeated calls do
-not retrace. Prompts are left-padded to a multiple of `PREFILL_CHUNK`, and the cache has a
-power-of-two number of slots (at least `MIN_CACHE`), so a batch size and cache size need
-exactly two compilations (T = PREFILL_CHUNK and T = 1) whatever the prompt lengths. Sampling (see
-`gemma_keras.samplers`) runs on the host.
+not retrace. Prompts are left-padded to a multiple of `PREFILL_CHUNK`, and the cache gets
+`conventions.cache_slots_for` slots (a power of two), so a batch size and cache size need
+exactly two compilations (T = PREFILL_CHUNK and T = 1) whatever the prompt lengths. Sampling
+runs on the host.
 
 Example:
 >>> lm = Gemma2CausalLM.from_pretrained("my_model")
@@ -22,31 +26,16 @@ Example:
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import keras
 import numpy as np
 from keras import ops
 
-from gemma_keras import defaults
-from gemma_keras.samplers import get_sampler
-from gemma_keras.tokenizer import stream_text
-
-PREFILL_CHUNK = 32
-MIN_CACHE = 64
+from gemma_keras import decoding
+from gemma_keras.conventions import PREFILL_CHUNK, cache_slots_for
 
 
 def _round_up(n, multiple):
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def cache_slots(n):
-    """Cache slots for `n` tokens: the next power of two (at least MIN_CACHE) up to 4096,
-    then the next multiple of 1024."""
-    if n > 4096:
-        return _round_up(n, 1024)
-    return max(MIN_CACHE, 1 << (int(n) - 1).bit_length())
+    return -(-int(n) // multiple) * multiple
 
 
 # ---------------------------------------------------------------- compiled steps
@@ -128,7 +117,7 @@ class Generator:
         return np.asarray(ops.convert_to_numpy(logits)), cache
 
     def _step(self, token_ids, cache, cache_index, start):
-        slots = int(self.model.backbone.cache_slots(cache))
+        slots = int(self.model.backbone.cache_size(cache))
         if not 0 <= cache_index <= slots - token_ids.shape[1]:
             raise ValueError(f"{token_ids.shape[1]} token(s) at slot {cache_index} do not fit "
                              f"a cache of {slots} slots")
@@ -166,246 +155,57 @@ def get_generator(model) -> Generator:
     return generator
 
 
-# --------------------------------------------------------------------- checks
-def _check_positive_int(name, value):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+# ------------------------------------------------------------- the loop's backend
+class KerasDecodeBackend:
+    """`decoding.DecodeBackend` of a `Gemma2CausalLM`: left-padded prompts prefilled in
+    `PREFILL_CHUNK`s into a cache of `cache_slots_for(prompt slots + new tokens)` slots, then
+    one compiled step per token. Limit: the model's context."""
+
+    limit_note = "the model's context"
+    max_batch_size = None
+
+    def __init__(self, model):
+        config = model.config
+        self.generator = get_generator(model)
+        self.capacity = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
+        self.stop_ids = (config.eos_token_id, config.end_of_turn_id)
+        self.bos_id, self.pad_id = config.bos_token_id, config.pad_token_id
+
+    def prefill(self, prompts, max_new_tokens):
+        lengths = np.array([len(p) for p in prompts])
+        self.prompt_slots = _round_up(lengths.max(), PREFILL_CHUNK)
+        self.start = self.prompt_slots - lengths
+        token_ids = np.full((len(prompts), self.prompt_slots), self.pad_id, np.int32)
+        for b, p in enumerate(prompts):
+            token_ids[b, self.start[b]:] = p
+        self.steps = 0
+        logits, self.cache = self.generator.prefill(
+            token_ids, self.start, cache_slots_for(self.prompt_slots + max_new_tokens))
+        return logits
+
+    def step(self, token_ids):
+        logits, self.cache = self.generator.step(np.asarray(token_ids)[:, None], self.cache,
+                                                 self.prompt_slots + self.steps, self.start)
+        self.steps += 1
+        return logits
 
 
-def _prompt_ids(model, prompts):
-    """Normalise `prompts` to a list of id lists; also say whether text came in, and
-    whether a single prompt did (so the result takes the same form)."""
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
-    single = isinstance(prompts, str) or (
-        isinstance(prompts, (list, tuple)) and prompts
-        and all(isinstance(t, (int, np.integer)) for t in prompts))
-    if single:
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a string, a list of strings, or a list of token-id "
-                         f"lists, and not empty; got {prompts!r}")
-    is_text = all(isinstance(p, str) for p in prompts)
-    if is_text:
-        tokenizer = model.tokenizer
-        if tokenizer is None:
-            raise ValueError("text prompts need a tokenizer: attach one (model.tokenizer = "
-                             "GemmaTokenizer(path)) or pass token-id lists")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is an empty string")
-        return [tokenizer.encode(p) for p in prompts], True, single
-    vocab = model.config.vocab_size
-    ids = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str) or not isinstance(p, (list, tuple, np.ndarray)):
-            raise ValueError(f"prompt {i} must be a token-id list (prompts cannot mix text "
-                             f"and ids), got {type(p).__name__}")
-        row = [int(t) for t in p]
-        if not row:
-            raise ValueError(f"prompt {i} is empty")
-        bad = [t for t in row if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
-        ids.append(row)
-    return ids, False, single
+def generate_ids(model, prompts, max_new_tokens=None, sampler="greedy", **kwargs):
+    """`decoding.decode_steps` on the model: yields `(ids [B], alive [B])` per step for
+    `prompts`, a list of non-empty token-id lists."""
+    return decoding.decode_steps(KerasDecodeBackend(model), prompts, max_new_tokens, sampler,
+                                 **kwargs)
 
 
-def _stop_ids(config, stop_token_ids):
-    """The stop ids as a set: `<eos>` and `<end_of_turn>` unless given."""
-    if stop_token_ids is None:
-        return {config.eos_token_id, config.end_of_turn_id}
-    if isinstance(stop_token_ids, (int, np.integer)):
-        stop_token_ids = [stop_token_ids]
-    return {int(t) for t in stop_token_ids}
+def generate(model, prompts, max_new_tokens=None, sampler="greedy", **kwargs):
+    """`model.generate`: complete `prompts`; see `gemma_keras.decoding.generate`."""
+    return decoding.generate(KerasDecodeBackend(model), model.tokenizer, prompts,
+                             max_new_tokens, sampler, **kwargs)
 
 
-def _fit_to_limit(ids, max_new_tokens, limit, truncate, bos_id):
-    """Refuse (or, when `truncate`, cut from the left after `<bos>`) prompts that would run
-    past `limit` tokens with `max_new_tokens` more."""
-    if max_new_tokens >= limit:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be less than the length "
-                         f"limit ({limit})")
-    room = limit - max_new_tokens
-    out = []
-    for i, row in enumerate(ids):
-        if len(row) > room:
-            if not truncate:
-                raise ValueError(
-                    f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} "
-                    f"that exceeds the limit of {limit} tokens (max_length or the model's "
-                    f"context). Shorten it, lower max_new_tokens, or pass truncate=True to "
-                    f"keep only its last {room} tokens"
-                )
-            keep_bos = row[0] == bos_id and room > 1
-            row = ([row[0]] if keep_bos else []) + row[len(row) - room + keep_bos:]
-        out.append(row)
-    return out
-
-
-# ------------------------------------------------------------------ the loop
-def generate_ids(model, prompts, max_new_tokens=None, sampler="greedy", stop_token_ids=None,
-                 seed=None, max_length=None, truncate=False, temperature=None, top_k=None,
-                 top_p=None):
-    """Yield, for each decoding step, the new token of every row as `(ids [B], alive [B])`.
-
-    `prompts` is a list of non-empty token-id lists. `alive[b]` is False for rows that have
-    already stopped (their `ids[b]` is padding); a row's stop token is yielded with alive
-    True, and the row is dead from the next step on. See `generate` for the arguments.
-    """
-    config = model.config
-    sampler = get_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p)
-    limit = config.max_position_embeddings
-    if max_length is not None:
-        max_length = _check_positive_int("max_length", max_length)
-        if max_length > limit:
-            raise ValueError(f"max_length ({max_length}) exceeds the model's context "
-                             f"({limit} positions)")
-        limit = max_length
-    max_new_tokens = _check_positive_int("max_new_tokens", defaults.max_new_tokens(
-        max_new_tokens, max(len(p) for p in prompts), limit))
-    prompts = _fit_to_limit(prompts, max_new_tokens, limit, truncate, config.bos_token_id)
-    stop = np.array(sorted(_stop_ids(config, stop_token_ids)), np.int64)
-    rng = np.random.default_rng(seed)
-
-    batch = len(prompts)
-    lengths = np.array([len(p) for p in prompts])
-    prompt_slots = _round_up(lengths.max(), PREFILL_CHUNK)
-    cache_length = cache_slots(prompt_slots + max_new_tokens)
-    start = prompt_slots - lengths
-    token_ids = np.full((batch, prompt_slots), config.pad_token_id, np.int32)
-    for b, p in enumerate(prompts):
-        token_ids[b, start[b]:] = p
-
-    generator = get_generator(model)
-    logits, cache = generator.prefill(token_ids, start, cache_length)
-    alive = np.ones(batch, bool)
-    for t in range(max_new_tokens):
-        ids = np.where(alive, sampler(logits, rng), config.pad_token_id).astype(np.int32)
-        yield ids, alive.copy()
-        alive &= ~np.isin(ids, stop)
-        if t == max_new_tokens - 1 or not alive.any():
-            return
-        logits, cache = generator.step(ids[:, None], cache, prompt_slots + t, start)
-
-
-def generate(model, prompts, max_new_tokens=None, sampler="greedy", stop_token_ids=None,
-             seed=None, max_length=None, truncate=False, temperature=None, top_k=None,
-             top_p=None):
-    """Complete `prompts` with up to `max_new_tokens` tokens each.
-
-    Args:
-      prompts: a string or a list of strings (needs `model.tokenizer`; `<bos>` is added), or
-        a token-id list or a list of token-id lists of any lengths.
-      max_new_tokens: the most tokens to add per prompt (> 0); default 64, or what the
-        longest prompt leaves of the limit.
-      sampler: "greedy", "temperature", "top_k", "top_p", or a `gemma_keras.samplers.Sampler`
-        (or keras-hub sampler); `temperature`, `top_k`, `top_p` set the named ones.
-      stop_token_ids: a row stops after producing one of these (default `<eos>` and
-        `<end_of_turn>`); `()` never stops early.
-      seed: makes sampling reproducible.
-      max_length: the most tokens (prompt + new) per row; defaults to the model's context.
-      truncate: when a prompt plus `max_new_tokens` exceeds the limit, keep its last tokens
-        (and `<bos>`) instead of raising ValueError.
-
-    Returns the completions only (the stop token left out), in the form of `prompts`: a
-    string, a list of strings, a list of ids, or a list of id lists.
-    """
-    ids, is_text, single = _prompt_ids(model, prompts)
-    completions = [[] for _ in ids]
-    stop = _stop_ids(model.config, stop_token_ids)
-    for step_ids, alive in generate_ids(model, ids, max_new_tokens, sampler, stop_token_ids,
-                                        seed, max_length, truncate, temperature, top_k, top_p):
-        for b in np.flatnonzero(alive):
-            if int(step_ids[b]) not in stop:
-                completions[b].append(int(step_ids[b]))
-    if is_text:
-        completions = [model.tokenizer.decode(c) for c in completions]
-    return completions[0] if single else completions
-
-
-def stream(model, prompt, max_new_tokens=None, sampler="greedy", stop_token_ids=None,
-           seed=None, max_length=None, truncate=False, temperature=None, top_k=None,
-           top_p=None):
-    """Yield the completion of one prompt as it is produced.
-
-    A string prompt yields text pieces (joined, they equal `generate`'s string); a token-id
-    list yields token ids. The stop token is not yielded. Arguments as in `generate`.
-    """
-    ids, is_text, single = _prompt_ids(model, prompt)
-    if not single:
-        raise ValueError("stream takes one prompt (a string or a token-id list); use "
-                         "generate for a batch")
-    stop = _stop_ids(model.config, stop_token_ids)
-    steps = generate_ids(model, ids, max_new_tokens, sampler, stop_token_ids, seed,
-                         max_length, truncate, temperature, top_k, top_p)
-    tokens = itertools.takewhile(lambda t: t not in stop, (int(s[0]) for s, _ in steps))
-    yield from stream_text(model.tokenizer, tokens) if is_text else tokens
-
-
-# ------------------------------------------------------------ loading and chatting
-def load_model(directory=None, dtype=None):
-    """`Gemma2CausalLM.from_pretrained(directory)` (a gemma-keras or Hugging Face model
-    directory, tokenizer attached); `None` loads the bundled tiny model."""
-    from gemma_keras.causal_lm import Gemma2CausalLM
-    from gemma_keras.tiny_task import model_dir_or_tiny
-
-    return Gemma2CausalLM.from_pretrained(model_dir_or_tiny(directory), dtype=dtype)
-
-
-class ChatSession:
-    """A multi-turn chat in Gemma's turn format with anything that has `.tokenizer` and
-    `.stream(prompt, max_new_tokens=..., sampler=..., seed=..., ...)`: a `Gemma2CausalLM`
-    or a `gemma_keras.tflite.GemmaTFLite`.
-
-    Each `send(text)` renders the whole history with the chat template and streams the
-    reply (stopping at `<end_of_turn>`); the reply joins the history. The oldest turns are
-    dropped when the history would not fit `limit` tokens with `max_new_tokens` more.
-
-    Example:
-    >>> chat = ChatSession(lm, max_new_tokens=64)
-    >>> print("".join(chat.send("reverse: cat dog")))
-    """
-
-    def __init__(self, model, max_new_tokens=None, limit=None, seed=None, **sampling):
-        if getattr(model, "tokenizer", None) is None:
-            raise ValueError("chat needs a model with a tokenizer")
-        self.model = model
-        if limit is None:
-            limit = getattr(model, "cache_len", None) or model.config.max_position_embeddings
-        self.limit = limit
-        self.max_new_tokens = _check_positive_int(
-            "max_new_tokens", defaults.chat_reply_tokens(max_new_tokens, limit))
-        self.seed = seed
-        self.sampling = sampling
-        self.messages = []
-
-    def reset(self):
-        self.messages = []
-
-    def _prompt(self):
-        tokenizer = self.model.tokenizer
-        while True:
-            prompt = tokenizer.apply_chat_template(self.messages)
-            n = len(tokenizer.encode(prompt))
-            if n + self.max_new_tokens <= self.limit or len(self.messages) == 1:
-                return prompt
-            self.messages = self.messages[2:]  # drop the oldest user/model pair
-
-    def send(self, text):
-        """Yield the reply to `text` in pieces; it is added to the history when complete."""
-        if not text:
-            raise ValueError("empty message")
-        self.messages.append({"role": "user", "content": text})
-        seed = None if self.seed is None else self.seed + len(self.messages)
-        try:
-            pieces = []
-            for piece in self.model.stream(self._prompt(), max_new_tokens=self.max_new_tokens,
-                                           seed=seed, **self.sampling):
-                pieces.append(piece)
-                yield piece
-        except BaseException:
-            self.messages.pop()  # a failed or interrupted turn leaves no trace
-            raise
-        self.messages.append({"role": "model", "content": "".join(pieces)})
+def stream(model, prompt, max_new_tokens=None, sampler="greedy", **kwargs):
+    """`model.stream`: yield the completion of one prompt as it is produced; see
+    `gemma_keras.decoding.stream`."""
+    return decoding.stream(KerasDecodeBackend(model), model.tokenizer, prompt,
+                           max_new_tokens, sampler, **kwargs)

@@ -11,9 +11,10 @@ import torch
 
 from conftest import make_hf_model, save_hf_checkpoint_dir
 from gemma_keras.converters import load_hf_checkpoint
-from gemma_keras.generation import PREFILL_CHUNK, get_generator
+from gemma_keras.conventions import PREFILL_CHUNK
+from gemma_keras.generation import get_generator
 from gemma_keras.samplers import (GreedySampler, TemperatureSampler, TopKSampler, TopPSampler,
-                                  get_sampler)
+                                  row_seeds)
 
 # Prompts of different lengths; the longest takes two prefill chunks. With up to 64 new
 # tokens every batch-of-3 test below shares one cache size: two compiled functions in all.
@@ -175,6 +176,7 @@ def test_sampling_is_reproducible_with_a_seed(lm):
     greedy = lm.generate(PROMPTS, **kw)
     assert lm.generate(PROMPTS, sampler="top_k", top_k=1, seed=3, **kw) == greedy
     assert lm.generate(PROMPTS, sampler=TopPSampler(1e-6), seed=3, **kw) == greedy
+    assert lm.generate(PROMPTS, sampler="temperature", temperature=0, seed=3, **kw) == greedy
 
 
 def test_keras_hub_sampler_is_accepted(lm):
@@ -186,14 +188,14 @@ def test_keras_hub_sampler_is_accepted(lm):
 
 
 def _frequencies(sampler, logits, n=4000):
-    rng = np.random.default_rng(0)
-    draws = sampler(np.repeat(logits[None], n, axis=0).astype("float32"), rng)
+    """How often each token is drawn in `n` rows of the same logits (row b: seed b)."""
+    draws = sampler(np.repeat(logits[None], n, axis=0).astype("float32"), row_seeds(0, n), 0)
     return np.bincount(draws, minlength=len(logits)) / n
 
 
 def test_samplers_draw_from_the_right_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    np.testing.assert_array_equal(GreedySampler()(logits[None]), [0])
+    np.testing.assert_array_equal(GreedySampler()(logits[None], row_seeds(0, 1), 0), [0])
     np.testing.assert_allclose(_frequencies(TemperatureSampler(1.0), logits),
                                [0.5, 0.3, 0.15, 0.05], atol=0.03)
     hot = np.exp(logits / 2) / np.exp(logits / 2).sum()
@@ -205,20 +207,35 @@ def test_samplers_draw_from_the_right_distribution():
                                atol=0.03)
     np.testing.assert_allclose(_frequencies(TopPSampler(1.0), logits),
                                [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # top-k 3 then top-p 0.6 over the renormalised three (0.5, 0.3, 0.15) / 0.95: the first
+    # holds 0.526 < 0.6, so the second stays too
+    np.testing.assert_allclose(_frequencies(TopKSampler(3, top_p=0.6), logits),
+                               [0.625, 0.375, 0, 0], atol=0.03)
+    np.testing.assert_allclose(_frequencies(TopKSampler(3, top_p=0.5), logits), [1, 0, 0, 0])
+
+
+def test_batch_rows_draw_with_seed_plus_row(lm):
+    """Row b of a batch with `seed` draws as a prompt alone with `seed + b`."""
+    kw = dict(max_new_tokens=16, stop_token_ids=(), sampler="temperature", temperature=1.5)
+    batch = lm.generate(PROMPTS, seed=40, **kw)
+    assert [lm.generate(p, seed=40 + b, **kw) for b, p in enumerate(PROMPTS)] == batch
+    assert lm.generate(PROMPTS, seed=[40, 41, 42], **kw) == batch
 
 
 # ------------------------------------------------------------------------------ limits
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
-    (dict(sampler="temperature", temperature=0), "temperature must be a positive"),
-    (dict(sampler="top_k", temperature=-1.0), "temperature must be a positive"),
+    (dict(sampler="temperature", temperature=-0.5), r"temperature must be a number >= 0"),
+    (dict(sampler="top_k", temperature=float("nan")), r"temperature must be a number >= 0"),
     (dict(sampler="top_p", top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(sampler="top_p", top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(sampler="top_k", top_k=0), "top_k must be a positive integer"),
+    (dict(sampler="top_k", top_k=-1), "top_k must be a non-negative integer"),
+    (dict(sampler="top_k", seed=[1, 2]), "2 seeds for 3 prompts"),
     (dict(sampler="beam"), "sampler must be one of"),
     (dict(sampler="greedy", top_p=0.5), "no effect with sampler='greedy'"),
-    (dict(max_length=200), r"max_length \(200\) exceeds the model's context \(128"),
+    (dict(max_length=200), r"max_length \(200\) exceeds the limit of 128 positions \(the "
+                           r"model's context"),
     (dict(max_length=20, max_new_tokens=15), "prompt 0 has 7 tokens.*limit of 20 tokens"),
     (dict(max_new_tokens=128), r"max_new_tokens \(128\) must be less than"),
 ])

@@ -170,6 +170,7 @@ FRESH_PROCESS = textwrap.dedent("""
         "sampled": run(prompts, temperature=1.0, seed=[5, 6, 7]),
         "sampled_again": run(prompts, temperature=1.0, seed=[5, 6, 7]),
         "sampled_row_alone": run(prompts[1:2], temperature=1.0, seed=6),
+        "sampled_one_seed": run(prompts, temperature=1.0, seed=5),
         "score": model.signatures["score"](
             token_ids=tf.constant(score_ids, tf.int32))["log_probs"].numpy().tolist(),
         "project_modules": sorted(m for m in sys.modules if m.split(".")[0] == "gemma_keras"),
@@ -235,6 +236,8 @@ def test_fresh_process_sampling(fresh):
     # A row's sample depends on its prompt and seed, not on the rest of the batch.
     alone = fresh["sampled_row_alone"]["ids"][0]
     assert _trim(alone) == _trim(fresh["sampled"]["ids"][1])
+    # One seed for several prompts: prompt b draws with seed + b (as model.generate does).
+    assert fresh["sampled_one_seed"] == fresh["sampled"]
 
 
 def test_fresh_process_score_matches_keras(fresh, expected, tiny_lm):

@@ -70,8 +70,8 @@ def test_without_xla_compilation_requests_fail(xla_export):
 
 
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 100, 4096, 4097, 5000, 8192, 8193])
-def test_in_graph_cache_slots_follow_generate(n):
-    from gemma_keras import generation
-    from gemma_keras.serving.module import cache_slots
+def test_in_graph_cache_slots_follow_the_convention(n):
+    from gemma_keras.conventions import cache_slots_for
+    from gemma_keras.serving import module
 
-    assert int(cache_slots(np.int32(n))) == generation.cache_slots(n)
+    assert int(module.cache_slots_for(np.int32(n))) == cache_slots_for(n)

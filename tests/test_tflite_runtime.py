@@ -68,6 +68,37 @@ print("LOADED", loaded)
     assert "LOADED []" in result.stdout, result.stdout
 
 
+CHECK_IMPORTS_AT_EXIT = """
+import atexit, sys
+
+def report():
+    heavy = sorted(m for m in sys.modules
+                   if m.split(".")[0] in ("tensorflow", "keras", "tf_keras", "keras_hub"))
+    print("LOADED", heavy)
+
+atexit.register(report)
+sys.argv = ["gemma-keras", *sys.argv[1:]]
+from gemma_keras.cli import run
+run()
+"""
+
+
+@pytest.mark.parametrize("command, stdin, expected", [
+    (["generate", "--chat", "reverse: red fish blue fish"], None, ["fish blue fish red"]),
+    (["chat"], "reverse: cat dog sun\nreverse: red blue\n", ["sun dog cat", "blue red"]),
+])
+def test_cli_with_tflite_imports_neither_tensorflow_nor_keras(tiny_exports, command, stdin,
+                                                               expected):
+    """`gemma-keras generate --tflite` and `gemma-keras chat --tflite` (the console command,
+    in a fresh process) answer without importing TensorFlow or Keras (checked at exit)."""
+    args = [*command, "--tflite", str(tiny_exports["none"]), "--tokenizer",
+            f"{TINY}/tokenizer.model", "--max-new-tokens", "8"]
+    result = subprocess.run([sys.executable, "-c", CHECK_IMPORTS_AT_EXIT, *args], input=stdin,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [*expected, "LOADED []"]
+
+
 def test_chunked_prefill_matches_keras(runtime, tiny_lm):
     """A prompt longer than the largest prefill length (8) goes in as 8 + 8 + 8 + 4 (3
     tokens and a pad), then its last token through decode; the logits match Keras."""
@@ -95,9 +126,11 @@ def test_prefill_near_the_end_of_the_cache_never_writes_past_it(runtime, tiny_lm
 
 def test_prompt_too_long_for_the_cache_is_refused(runtime):
     ids = [2] + [10] * 57
-    with pytest.raises(ValueError, match=r"58 tokens; with max_new_tokens=8 that needs 66 "
-                                         r"cache slots, .* cache of 62"):
+    with pytest.raises(ValueError, match=r"58 tokens; with max_new_tokens=8 that exceeds the "
+                                         r"limit of 62 tokens .*tiny_none.tflite was exported with a cache of 62"):
         runtime.generate(ids, max_new_tokens=8)
+    assert runtime.generate(ids, max_new_tokens=8, stop_token_ids=(), truncate=True) == \
+        runtime.generate([2] + ids[-53:], max_new_tokens=8, stop_token_ids=())
     with pytest.raises(ValueError, match="63 tokens but the model's cache holds 62"):
         runtime.start([2] + [10] * 62)
     assert len(runtime.generate(ids, max_new_tokens=4, stop_token_ids=())) == 4  # 62 fit
@@ -200,12 +233,94 @@ def test_text_stream_and_chat_agree_with_keras(runtime, tiny_lm):
     assert runtime.generate(prompt, max_new_tokens=8) == expected
 
 
-def test_seeded_sampling_matches_keras(runtime, tiny_lm):
-    prompt = tiny_lm.tokenizer.apply_chat_template(chat("reverse: one two six ten"))
-    kwargs = dict(max_new_tokens=8, sampler="top_p", top_p=0.95, temperature=1.5, seed=3)
-    ours = runtime.generate(prompt, **kwargs)
-    assert ours == runtime.generate(prompt, **kwargs)
-    assert ours == tiny_lm.generate(prompt, **kwargs)
+# ------------------------------------------------- one seed, the same tokens everywhere
+# A prompt outside the chat format the tiny model was trained on, at temperature 2: its
+# next-token distributions are spread, so every sampler's draws differ from greedy.
+SAMPLINGS = {
+    "greedy": dict(sampler="greedy"),
+    "temperature": dict(sampler="temperature", temperature=2.0),
+    "top_k": dict(sampler="top_k", top_k=3, temperature=2.0),
+    "top_p": dict(sampler="top_p", top_p=0.4, temperature=2.0),
+    "top_k_top_p": dict(sampler="top_k", top_k=4, top_p=0.7, temperature=2.0),
+}
+SAMPLED_PROMPT = "reverse: one two six ten red"
+SAMPLE_SEED, SAMPLE_STEPS = 11, 10
+LOGIT_TOLERANCE = 1e-4  # how far the runtimes' float32 logits may differ (docs/testing.md)
+
+
+@pytest.fixture(scope="module")
+def tiny_saved_model(tiny_lm, tmp_path_factory):
+    """The bundled tiny model as a SavedModel, loaded in this process."""
+    import tensorflow as tf
+
+    from gemma_keras.saved_model import export_saved_model
+
+    path = export_saved_model(tiny_lm, tmp_path_factory.mktemp("tiny_saved_model"),
+                              max_length=CACHE_LEN, max_new_tokens=SAMPLE_STEPS)
+    return tf.saved_model.load(str(path)).signatures["serving_default"]
+
+
+def _saved_model_ids(serving_default, prompt, settings):
+    import tensorflow as tf
+
+    out = serving_default(
+        prompts=tf.constant([prompt]), max_new_tokens=tf.constant(SAMPLE_STEPS),
+        temperature=tf.constant(settings.get("temperature", 1.0) if settings["sampler"] !=
+                                "greedy" else 0.0),
+        top_k=tf.constant(settings.get("top_k", 0)), top_p=tf.constant(settings.get("top_p", 1.0)),
+        seed=tf.constant(SAMPLE_SEED, tf.int64))
+    row = out["token_ids"].numpy()[0].tolist()
+    cut = next((i for i, t in enumerate(row) if t in (1, 107)), len(row))
+    return row[:cut]
+
+
+def _assert_no_near_tie(logits, sampler, step):
+    """The draw from `logits` cannot change when every logit moves by LOGIT_TOLERANCE: the
+    winner's margin, the top-k cut and the top-p cut all hold with room to spare."""
+    from gemma_keras import samplers
+
+    d = LOGIT_TOLERANCE
+    if sampler.temperature == 0:
+        top2 = np.sort(logits)[-2:]
+        assert top2[1] - top2[0] > 2 * d, f"near-tie at step {step}"
+        return
+    x = logits.astype(np.float64) / sampler.temperature
+    ranked = np.sort(x)[::-1]
+    if sampler.top_k:
+        assert ranked[sampler.top_k - 1] - ranked[sampler.top_k] > 2 * d / sampler.temperature
+    kept = samplers.kept_tokens(x[None], sampler.top_k, sampler.top_p)[0]
+    if sampler.top_p < 1:
+        weights = np.exp(ranked[:sampler.top_k or None] - ranked[0])
+        share = (np.cumsum(weights) - weights) / weights.sum()  # mass before each rank
+        assert np.min(np.abs(share - sampler.top_p)) > 10 * d / sampler.temperature
+    scores = np.sort(np.where(kept, x + samplers.gumbel([SAMPLE_SEED], step, len(x))[0],
+                              -np.inf))
+    assert scores[-1] - scores[-2] > 2 * d / sampler.temperature, f"near-tie at step {step}"
+
+
+@pytest.mark.parametrize("name", list(SAMPLINGS))
+def test_one_seed_gives_the_same_tokens_in_every_runtime(name, runtime, tiny_lm,
+                                                          tiny_saved_model):
+    """Keras `generate`, the float32 .tflite file and the SavedModel draw the same tokens for
+    one seed and one sampling setting. The draws along the path are checked to be no
+    near-ties (the runtimes' logits differ by up to ~1e-5, kernels and CPU apart)."""
+    from gemma_keras.samplers import get_sampler
+
+    settings = SAMPLINGS[name]
+    prompt_ids = tiny_lm.tokenizer.encode(SAMPLED_PROMPT)
+    kwargs = dict(max_new_tokens=SAMPLE_STEPS, seed=SAMPLE_SEED, **settings)
+    keras_ids = tiny_lm.generate(prompt_ids, **kwargs)
+    path = np.array([prompt_ids + keras_ids])
+    logits = np.asarray(tiny_lm({"token_ids": path, "padding_mask": np.ones_like(path)}))[0]
+    sampler = get_sampler(**settings)
+    for step in range(len(keras_ids)):
+        _assert_no_near_tie(logits[len(prompt_ids) - 1 + step], sampler, step)
+
+    assert runtime.generate(prompt_ids, **kwargs) == keras_ids
+    assert _saved_model_ids(tiny_saved_model, SAMPLED_PROMPT, settings) == keras_ids
+    if name != "greedy":  # the setting samples: not the greedy answer
+        greedy = tiny_lm.generate(prompt_ids, max_new_tokens=SAMPLE_STEPS)
+        assert keras_ids != greedy
 
 
 def test_bad_inputs_get_clear_errors(tiny_exports, tmp_path):
@@ -220,10 +335,12 @@ def test_bad_inputs_get_clear_errors(tiny_exports, tmp_path):
     bare = tmp_path / "bare.tflite"  # no tokenizer.model beside it
     bare.write_bytes(tiny_exports["none"].read_bytes())
     lm = GemmaTFLite(bare)
-    with pytest.raises(ValueError, match="needs a tokenizer"):
+    with pytest.raises(ValueError, match="need a tokenizer"):
         lm.generate("reverse: cat dog")
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 286\)"):
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 286\): \[999\]"):
         lm.generate([2, 999])
+    with pytest.raises(ValueError, match="at most 1 at a time"):
+        lm.generate([[2, 5], [2, 6]])
     with pytest.raises(ValueError, match="max_new_tokens"):
         lm.generate([2, 5], max_new_tokens=0)
 

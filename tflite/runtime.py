@@ -1,9 +1,10 @@
 """`GemmaTFLite`: generate text from an exported `.tflite` file without TensorFlow or Keras.
 
 Needs only `ai-edge-litert` (LiteRT's `CompiledModel`), `numpy` and `sentencepiece` (through
-`gemma_keras.tokenizer`, whose TensorFlow parts load only on use). Sampling reuses
-`gemma_keras.samplers` (NumPy), so a seed gives the same tokens as the Keras model's
-`generate` for the same logits.
+`gemma_keras.tokenizer`, whose TensorFlow parts load only on use). `generate` and `stream` are
+the host decode loop of `gemma_keras.decoding` over the file's prefill and decode signatures
+(`TFLiteDecodeBackend`), with the same arguments, sampling and stop ids as the Keras model's,
+so a seed gives the same tokens as `Gemma2CausalLM.generate` for the same logits.
 
 Example:
 >>> lm = GemmaTFLite("gemma.tflite", "tokenizer.model")
@@ -15,31 +16,30 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 
 import numpy as np
 
-from gemma_keras import defaults
-from gemma_keras.samplers import get_sampler
-from gemma_keras.tflite.native_log import stderr_captured
-from gemma_keras.tokenizer import stream_text
+from gemma_keras import decoding
+from gemma_keras.atomic_files import atomic_file
 from gemma_keras.conventions import (
+    BOS_ID,
     DECODE,
-    END_OF_TURN_ID,
-    EOS_ID,
     INPUT_POS,
     LOGITS,
     MASK,
     MASK_HIDDEN,
     PAD_ID,
     SCORE_PREFIX,
+    STOP_IDS,
     TOKENS,
     prefill_lengths,
     prefill_name,
     score_name,
 )
+from gemma_keras.tflite.native_log import stderr_captured
+from gemma_keras.tokenizer import GemmaTokenizer
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}
 _CACHE_SUFFIX = ".xnnpack_cache"
@@ -97,6 +97,25 @@ def _compiled_model(path, num_threads, weight_cache_file):
                          + "\n".join(errors)) from None
 
 
+def _write_weight_cache(path, num_threads, cache):
+    """Have XNNPACK write its packed weights of `path` to `cache`, atomically (a crash or a
+    concurrent load never sees half a file). Returns `cache`, or None if none was written.
+
+    XNNPACK writes the file while the model loads; the model is then loaded again from it,
+    because the first load keeps XNNPACK's packing buffer, as large as the largest weight
+    (0.55 GiB for the 2B's embedding)."""
+    try:
+        with atomic_file(cache) as partial:
+            partial.unlink()  # XNNPACK creates the file itself
+            with stderr_captured():  # releasing the model logs LiteRT's teardown
+                _compiled_model(path, num_threads, str(partial)).close()
+            if not partial.is_file():
+                raise FileNotFoundError(partial)
+    except FileNotFoundError:
+        return None
+    return cache
+
+
 class _Signature:
     """One signature of a `CompiledModel` with its buffers: the small inputs (tokens,
     positions, mask), the outputs that are not caches (decode's logits), and the shared cache
@@ -149,20 +168,8 @@ class GemmaTFLite:
         self.path = path
         self.weight_cache_path = cache = _weight_cache_path(path, weight_cache)
         if cache and not os.path.isfile(cache):
-            # XNNPACK writes the cache while the model loads. Write it under a temporary name,
-            # renamed when complete (a crash or a concurrent load never sees half a file), then
-            # load again from it: the first load keeps XNNPACK's packing buffer, as large as
-            # the largest weight (0.55 GiB for the 2B's embedding).
-            partial = f"{cache}.{os.getpid()}.tmp"
-            try:
-                with stderr_captured():  # releasing it logs LiteRT's teardown
-                    _compiled_model(path, num_threads, partial).close()
-                if os.path.isfile(partial):
-                    os.replace(partial, cache)
-            finally:
-                if os.path.isfile(partial):
-                    os.remove(partial)
-            if weight_cache is True:
+            cache = self.weight_cache_path = _write_weight_cache(path, num_threads, cache)
+            if cache and weight_cache is True:
                 _remove_stale_caches(path, keep=cache)
         self.model = _compiled_model(path, num_threads, cache or "")
 
@@ -198,8 +205,6 @@ class GemmaTFLite:
             tokenizer_path = beside if os.path.isfile(beside) else None
         self.tokenizer = None
         if tokenizer_path is not None:
-            from gemma_keras.tokenizer import GemmaTokenizer
-
             self.tokenizer = GemmaTokenizer(tokenizer_path)
 
     def close(self):
@@ -318,76 +323,57 @@ class GemmaTFLite:
         return logits
 
     def _check_ids(self, token_ids):
-        ids = [int(t) for t in token_ids]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
-        return ids
+        return decoding.check_token_ids(token_ids, self.vocab_size)
 
     # -------------------------------------------------------------- generation
-    def _prompt_ids(self, prompt):
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: pass tokenizer_path to "
-                                 "GemmaTFLite, or give token ids")
-            return self.tokenizer.encode(prompt), True
-        return self._check_ids(prompt), False
-
-    def generate_ids(self, prompt_ids, max_new_tokens=None, sampler="greedy", seed=None,
-                     stop_token_ids=None, temperature=None, top_k=None, top_p=None):
+    def generate_ids(self, prompt_ids, max_new_tokens=None, sampler="greedy", **kwargs):
         """Yield up to `max_new_tokens` new token ids after `prompt_ids`, the stop token last
-        (if reached). Refuses a prompt that, with `max_new_tokens`, cannot fit the cache;
-        by default `max_new_tokens` is 64, or the room the prompt leaves in the cache."""
-        prompt_ids = self._check_ids(prompt_ids)
-        max_new_tokens = defaults.max_new_tokens(max_new_tokens, len(prompt_ids), self.cache_len)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if len(prompt_ids) + max_new_tokens > self.cache_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; with max_new_tokens="
-                f"{max_new_tokens} that needs {len(prompt_ids) + max_new_tokens} cache slots, "
-                f"but {self.path} was exported with a cache of {self.cache_len} "
-                f"(kv_cache_max_len). Shorten the prompt, lower max_new_tokens, or export "
-                f"with a larger --kv-cache-max-len"
-            )
-        sampler = get_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p)
-        stop = {EOS_ID, END_OF_TURN_ID} if stop_token_ids is None else set(stop_token_ids)
-        rng = np.random.default_rng(seed)
-        logits = self.start(prompt_ids)
-        for t in range(max_new_tokens):
-            token = int(sampler(logits[None, :], rng)[0])
-            yield token
-            if token in stop or t == max_new_tokens - 1:
-                return
-            logits = self.step(token)
+        (if reached). Arguments as in `generate`."""
+        steps = decoding.decode_steps(TFLiteDecodeBackend(self), [self._check_ids(prompt_ids)],
+                                      max_new_tokens, sampler, **kwargs)
+        return (int(ids[0]) for ids, _ in steps)
 
-    def stream(self, prompt, max_new_tokens=None, sampler="greedy", seed=None,
-               stop_token_ids=None, temperature=None, top_k=None, top_p=None):
-        """Yield the completion of `prompt` as it is produced (the stop token left out).
-
-        A text prompt (`<bos>` is added) yields text pieces; a token-id list yields ids.
-        `sampler` is "greedy", "temperature", "top_k", "top_p" or a
-        `gemma_keras.samplers.Sampler`; `seed` makes sampling reproducible.
-        """
-        ids, is_text = self._prompt_ids(prompt)
-        stop = {EOS_ID, END_OF_TURN_ID} if stop_token_ids is None else set(stop_token_ids)
-        steps = self.generate_ids(ids, max_new_tokens, sampler, seed, stop_token_ids,
-                                  temperature, top_k, top_p)
-        tokens = itertools.takewhile(lambda t: t not in stop, steps)
-        yield from stream_text(self.tokenizer, tokens) if is_text else tokens
-
-    def generate(self, prompt, max_new_tokens=None, sampler="greedy", seed=None, **kwargs):
+    def generate(self, prompt, max_new_tokens=None, sampler="greedy", **kwargs):
         """The completion of `prompt`: a string for a text prompt, ids for a token-id list.
-        Arguments as in `stream`."""
-        pieces = list(self.stream(prompt, max_new_tokens, sampler, seed, **kwargs))
-        return "".join(pieces) if isinstance(prompt, str) else pieces
 
-    def chat(self, messages, max_new_tokens=None, sampler="greedy", seed=None, **kwargs):
+        The arguments and their defaults are the Keras model's (`gemma_keras.decoding.generate`):
+        `seed`, `stop_token_ids`, `temperature`, `top_k`, `top_p`, `max_length`, `truncate`.
+        One prompt at a time; the limit is the file's cache.
+        """
+        return decoding.generate(TFLiteDecodeBackend(self), self.tokenizer, prompt,
+                                 max_new_tokens, sampler, **kwargs)
+
+    def stream(self, prompt, max_new_tokens=None, sampler="greedy", **kwargs):
+        """Yield the completion of `prompt` as it is produced (the stop token left out): text
+        pieces for a text prompt (`<bos>` is added), ids for a token-id list. Arguments as in
+        `generate`."""
+        return decoding.stream(TFLiteDecodeBackend(self), self.tokenizer, prompt,
+                               max_new_tokens, sampler, **kwargs)
+
+    def chat(self, messages, max_new_tokens=None, sampler="greedy", **kwargs):
         """The model's reply to `messages` (`[{"role": "user"|"model", "content": str}]`),
         in Gemma's turn format; generation stops at `<end_of_turn>`."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer: pass tokenizer_path to GemmaTFLite")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, max_new_tokens, sampler, seed, **kwargs)
+        return self.generate(prompt, max_new_tokens, sampler, **kwargs)
+
+
+class TFLiteDecodeBackend:
+    """`decoding.DecodeBackend` of a `GemmaTFLite`: one prompt, prefilled through the file's
+    signatures (`GemmaTFLite.start`), then `decode` per token. Limit: the file's cache."""
+
+    max_batch_size = 1
+    stop_ids, bos_id, pad_id = STOP_IDS, BOS_ID, PAD_ID
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.capacity, self.vocab_size = runtime.cache_len, runtime.vocab_size
+        self.limit_note = (f"{os.path.basename(runtime.path)} was exported with a cache of "
+                           f"{runtime.cache_len} slots, --kv-cache-max-len")
+
+    def prefill(self, prompts, max_new_tokens):
+        return self.runtime.start(prompts[0])[None]
+
+    def step(self, token_ids):
+        return self.runtime.step(int(token_ids[0]))[None]

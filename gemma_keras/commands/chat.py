@@ -1,6 +1,8 @@
 """`gemma-keras chat`: an interactive, turn-by-turn chat in Gemma's template."""
 
-from gemma_keras.commands.generate import add_model_arguments, add_sampling_arguments
+from gemma_keras.chat import ChatSession
+from gemma_keras.commands.generate import (add_model_arguments, add_sampling_arguments, load,
+                                           sampling_kwargs)
 
 COMMANDS = "/reset forgets the conversation, /exit (or end of input) quits"
 
@@ -26,9 +28,6 @@ def register(subparsers):
 
 def run(args):
     import sys
-
-    from gemma_keras.commands.generate import load, sampling_kwargs
-    from gemma_keras.generation import ChatSession
 
     session = ChatSession(load(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
                           **sampling_kwargs(args))

@@ -24,10 +24,14 @@ def add_sampling_arguments(p, max_new_tokens):
     p.add_argument("--sampler", choices=SAMPLERS, default="greedy",
                    help="decoding strategy (default greedy)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="softmax temperature for the sampling strategies (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="k for --sampler top_k (default 50)")
+                   help="softmax temperature for the sampling strategies (default 1.0; "
+                        "0 is greedy)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens (default 50 for --sampler top_k; "
+                        "combines with --top-p)")
     p.add_argument("--top-p", type=float, default=None,
-                   help="p for --sampler top_p, in (0, 1] (default 0.9)")
+                   help="keep the most likely tokens up to probability p, in (0, 1] "
+                        "(default 0.9 for --sampler top_p; combines with --top-k)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
@@ -44,7 +48,7 @@ def load(args):
         return GemmaTFLite(args.tflite, args.tokenizer)
     if args.tokenizer:
         raise ValueError("--tokenizer goes with --tflite; a --model directory has its own")
-    from gemma_keras.generation import load_model
+    from gemma_keras.pretrained import load_model
 
     return load_model(args.model, dtype=args.dtype)
 
@@ -69,8 +73,7 @@ def register(subparsers):
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as one user turn of Gemma's chat template")
     p.add_argument("--truncate", action="store_true",
-                   help="keep the end of a prompt that is too long instead of refusing it "
-                        "(--model only)")
+                   help="keep the end of a prompt that is too long instead of refusing it")
     p.set_defaults(func=run)
 
 
@@ -87,8 +90,6 @@ def run(args):
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling_kwargs(args))
     if args.truncate:
-        if args.tflite:
-            raise ValueError("--truncate works with --model only")
         kwargs["truncate"] = True
     for piece in model.stream(prompt, **kwargs):
         sys.stdout.write(piece)

@@ -293,7 +293,7 @@ def open_scorer(kind, path=None, tokenizer=None, dtype=None, batch_size=8, name=
     if kind == "model":
         if tokenizer is not None:
             raise ValueError("--tokenizer goes with --tflite; a --model directory has its own")
-        from gemma_keras.generation import load_model
+        from gemma_keras.pretrained import load_model
 
         return KerasScorer(load_model(path, dtype=dtype), batch_size, name or f"keras:{path}")
     if kind == "tflite":

@@ -14,16 +14,21 @@ Export options (see `gemma_keras.saved_model.export_saved_model`):
 
 A request is checked (INVALID_ARGUMENT) on its own rows before anything is batched, and
 every limit is per prompt, so a request answers the same alone or merged with others.
+
+The in-graph loop follows the host loop of `gemma_keras.decoding` (which the Keras model and
+the TFLite runtime run): the stop ids and the cache-size rule of `gemma_keras.conventions`,
+left padding with the pad id, and the sampling definition of `gemma_keras.samplers` through
+its TensorFlow twin, `serving.sampling` (one seed for several prompts: prompt b draws with
+`seed + b`). So a prompt, its settings and its seed give the same tokens here as there.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from gemma_keras.generation import MIN_CACHE, PREFILL_CHUNK
+from gemma_keras.conventions import MIN_CACHE_SLOTS, PAD_ID, PREFILL_CHUNK, STOP_IDS
 from gemma_keras.serving.batching import batch_function
 from gemma_keras.serving.sampling import next_token
-from gemma_keras.conventions import PAD_ID, STOP_IDS
 from gemma_keras.tokenizer import GemmaTokenizer
 
 GENERATE_INPUTS = (("prompts", tf.string), ("max_new_tokens", tf.int32),
@@ -63,12 +68,21 @@ def _left_pad(ragged_ids, multiple=1):
     return padded, start
 
 
-def cache_slots(n):
-    """In-graph `gemma_keras.generation.cache_slots`: the next power of two (at least
-    MIN_CACHE) up to 4096, then the next multiple of 1024, of an int32 scalar `n`."""
+def _row_seeds(seed, batch):
+    """`samplers.row_seeds` in the graph: one seed per prompt as given; one seed for several
+    prompts: prompt b draws with `seed + b`."""
+    seed = tf.reshape(tf.cast(seed, tf.int64), [-1])
+    return tf.cond(tf.equal(tf.size(seed), 1),
+                   lambda: seed[0] + tf.range(tf.cast(batch, tf.int64)),
+                   lambda: _per_row(seed, batch, "seed", tf.int64))
+
+
+def cache_slots_for(n):
+    """In-graph `conventions.cache_slots_for`: the next power of two (at least
+    MIN_CACHE_SLOTS) up to 4096, then the next multiple of 1024, of an int32 scalar `n`."""
     powers = tf.bitwise.left_shift(1, tf.range(31))
     power = tf.reduce_min(tf.where(powers >= n, powers, powers[-1]))
-    return tf.where(n > 4096, (n + 1023) // 1024 * 1024, tf.maximum(MIN_CACHE, power))
+    return tf.where(n > 4096, (n + 1023) // 1024 * 1024, tf.maximum(MIN_CACHE_SLOTS, power))
 
 
 class GemmaServingModule(tf.Module):
@@ -173,7 +187,7 @@ class GemmaServingModule(tf.Module):
         temperature = _per_row(temperature, batch, "temperature", tf.float32)
         top_k = _per_row(top_k, batch, "top_k", tf.int32)
         top_p = _per_row(top_p, batch, "top_p", tf.float32)
-        seeds = _per_row(seed, batch, "seed", tf.int64)
+        seeds = _row_seeds(seed, batch)
         lengths = tf.cast(self._tokenizer.tf_encode(prompts).row_lengths(), tf.int32)
         too_long = tf.where(lengths + max_new > self.max_length)[:, 0]
         checks = [
@@ -211,7 +225,7 @@ class GemmaServingModule(tf.Module):
             return self._step(prompt_ids, backbone.init_cache(batch, width + steps), 0, start)
         # XLA compiles per shape: chunks of PREFILL_CHUNK tokens and a bucketed cache, as
         # `Gemma2CausalLM.generate` does, so two compilations serve every prompt length.
-        cache = backbone.init_cache(batch, cache_slots(width + steps))
+        cache = backbone.init_cache(batch, cache_slots_for(width + steps))
         chunks = tf.reshape(prompt_ids, [batch, -1, PREFILL_CHUNK])
         logits, cache = self._xla_step(chunks[:, 0], cache, tf.constant(0), start)
 
