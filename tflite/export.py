@@ -40,7 +40,9 @@ from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras import defaults
 from gemma_keras.atomic_files import write_atomically
+from gemma_keras.tflite.converter_weight_map import record_weight_map
 from gemma_keras.tflite.native_log import stderr_captured
+from gemma_keras.tflite.weight_map_metadata import stored_factors
 from gemma_keras.conventions import (
     DECODE,
     LOGITS,
@@ -412,6 +414,8 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
                 if mode == "dynamic_int8":  # written (and freed) now: the int4 modes read it
                     int8_path = outputs.get(mode, Path(work) / "dynamic_int8.tflite")
                     write_atomically(int8_path, converted.pop(mode))
+                    record_weight_map(int8_path, requantize_lib.checkpoint_weights(
+                        checkpoint, model), stored_factors(model.config))
             lookups = None
             if "weight_only_int8" in outputs:
                 lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])

@@ -80,12 +80,10 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
                 weight_writer.write_weights(template, placeholders, source, encoding,
                                             files[encoding])
                 steps.update(f"wrote {files[encoding].name}")
-        if int8_modes:
-            floats = graph_weights(source, placeholders)
-            for quantize in int8_modes:
-                requantize_lib.requantize_tflite(files["dynamic_int8"], floats, quantize,
-                                                 outputs[quantize])
-                steps.update(f"wrote {outputs[quantize].name}")
+        for quantize in int8_modes:
+            requantize_lib.requantize_tflite(files["dynamic_int8"], source, quantize,
+                                             outputs[quantize])
+            steps.update(f"wrote {outputs[quantize].name}")
         if "weight_only_int8" in outputs:
             lookups = quantize_lib.gathers_to_embedding_lookups(files["none"].read_bytes())
             write_atomically(outputs["weight_only_int8"],
@@ -93,17 +91,3 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
             steps.update(f"wrote {outputs['weight_only_int8'].name}")
     return outputs
 
-
-def graph_weights(source, placeholders):
-    """`{hf_name: requantize.RowBlocks}` of the values the graph stores for each weight matrix
-    (the checkpoint's, times the placeholder's factor), read a block of rows at a time:
-    `requantize`'s input, which finds them by the int8 file's weight map."""
-    import numpy as np
-
-    def reader(p):
-        def rows(start, stop):
-            values = source.rows(p.name, start, stop)
-            return values * np.float32(p.factor) if p.factor != 1.0 else values
-        return requantize_lib.RowBlocks(p.shape, rows)
-
-    return {name: reader(p) for name, p in placeholders.items()}

@@ -25,11 +25,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import mmap
-import os
 import tempfile
 from pathlib import Path
 
+from gemma_keras.atomic_files import atomic_file
 from gemma_keras.conventions import (
     BOS_ID,
     DECODE,
@@ -40,6 +39,7 @@ from gemma_keras.conventions import (
     MASK,
     TOKENS,
     prefill_lengths,
+    prefill_name,
 )
 
 # Gemma's chat turns, as LiteRT-LM's prompt templates (used when a session or conversation
@@ -96,33 +96,17 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     Only the flatbuffer's tables are read (memory-mapped), never the weight buffers, so this
     is instant on a multi-GB file. Raises `LiteRTLMBundleError` naming what is missing.
     """
-    from ai_edge_litert import schema_py_generated as schema
+    from gemma_keras.tflite.flatbuffer import TFLiteFile
 
     path = Path(tflite_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .tflite file")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[4:8] != b"TFL3":
-            raise LiteRTLMBundleError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
-        model = schema.Model.GetRootAsModel(buf, 0)
-        signatures = {}
-        for s in range(model.SignatureDefsLength()):
-            sig = model.SignatureDefs(s)
-            graph = model.Subgraphs(sig.SubgraphIndex())
-
-            def shapes(n, get):
-                out = {}
-                for i in range(n):
-                    tmap = get(i)
-                    tensor = graph.Tensors(tmap.TensorIndex())
-                    out[tmap.Name().decode()] = tuple(int(d) for d in tensor.ShapeAsNumpy())
-                return out
-
-            signatures[sig.SignatureKey().decode()] = (
-                shapes(sig.InputsLength(), sig.Inputs),
-                shapes(sig.OutputsLength(), sig.Outputs),
-            )
-        del model, graph, sig  # release the views into the mmap before it closes
+    try:
+        with TFLiteFile(path) as file:
+            signatures = file.signatures()
+    except ValueError:
+        raise LiteRTLMBundleError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)") \
+            from None
 
     def fail(what):
         raise LiteRTLMBundleError(
@@ -164,10 +148,10 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     if len(mask_shape) != 4 or mask_shape[-1] != cache_len:
         fail(f"decode's {MASK} has shape {list(mask_shape)}; expected [1, 1, 1, {cache_len}]")
     for t in lens:
-        p_in, _ = signatures[f"prefill_{t}"]
+        p_in, _ = signatures[prefill_name(t)]
         for name in (TOKENS, INPUT_POS, MASK, *k_names):
             if name not in p_in:
-                fail(f"prefill_{t} has no input {name!r}")
+                fail(f"{prefill_name(t)} has no input {name!r}")
     return TFLiteLLMInfo(str(path), tuple(lens), int(cache_len), len(k_names),
                          int(logits_shape[2]), tuple(logits_shape))
 
@@ -265,24 +249,13 @@ def write_litertlm(tflite_path, tokenizer_path, out_path, max_num_tokens=None, *
     builder.add_tflite_model(str(tflite_path), builder_lib.TfLiteModelType.PREFILL_DECODE)
     builder.add_sentencepiece_tokenizer(str(tokenizer_path))
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    meta_fd, meta_path = tempfile.mkstemp(prefix=".llm_metadata.", suffix=".pb", dir=out.parent)
-    try:
-        with os.fdopen(meta_fd, "wb") as f:
-            f.write(meta.SerializeToString())
-        builder.add_llm_metadata(meta_path)
-        with os.fdopen(fd, "wb") as f:
+    with atomic_file(out) as tmp, tempfile.TemporaryDirectory(
+            prefix=".llm_metadata.", dir=out.parent) as work:
+        meta_path = Path(work) / "llm_metadata.pb"
+        meta_path.write_bytes(meta.SerializeToString())
+        builder.add_llm_metadata(str(meta_path))
+        with open(tmp, "wb") as f:
             builder.build(f)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; apps may run as other users
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        os.unlink(meta_path)
     return out
 
 

@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_keras.conventions import stored_table_scale
-
-EMBEDDING = "model.embed_tokens.weight"
+from gemma_keras.tflite.weight_map_metadata import EMBEDDING, stored_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +42,13 @@ def placeholder_values(specs, config):
 
     Values 1 + (i + 1) / 1024 are exact and distinct in float32 and in float16 (the fp16
     template's), and none is 1."""
-    table_scale = float(np.float32(stored_table_scale(config)))
+    factors = stored_factors(config)
     matrices = [s for s in specs if len(s.hf_shape) == 2]
     if len(matrices) >= 1023:
         raise ValueError(f"{len(matrices)} weight matrices: the placeholders run out at 1022")
     out = {}
     for i, spec in enumerate(matrices):
-        factor = table_scale if spec.hf_name == EMBEDDING else 1.0
+        factor = factors.get(spec.hf_name, 1.0)
         out[spec.hf_name] = Placeholder(spec.hf_name, tuple(spec.hf_shape),
                                         float(np.float32(1.0 + (i + 1) / 1024)), factor)
     return out
