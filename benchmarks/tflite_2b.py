@@ -53,8 +53,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gemma_keras.conventions import DECODE, MASK_HIDDEN, prefill_name  # noqa: E402
+
 GIB = 2**30
-FLT_HIDDEN = -0.7 * 3.4028234663852886e38  # what LiteRT-LM writes into `mask`
 
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -211,7 +212,7 @@ def padded_tokenizer(vocab_size, out_path):
 def causal_mask(positions, cache_len):
     import numpy as np
 
-    mask = np.full((1, 1, len(positions), cache_len), FLT_HIDDEN, np.float32)
+    mask = np.full((1, 1, len(positions), cache_len), MASK_HIDDEN, np.float32)
     for row, pos in enumerate(positions):
         mask[0, 0, row, : pos + 1] = 0.0
     return mask
@@ -253,6 +254,24 @@ def _cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def time_phase(sampler, seconds, owner, name, label, after=None):
+    """Wrap `owner.name` so that each call marks phase `label` on `sampler` (and `after`
+    when it returns) and adds its seconds to `seconds[label]`."""
+    real = getattr(owner, name)
+
+    def wrapped(*a, **k):
+        sampler.mark(label)
+        t = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            seconds[label] = round(seconds.get(label, 0) + time.perf_counter() - t, 1)
+            if after:
+                sampler.mark(after)
+
+    setattr(owner, name, wrapped)
+
+
 def stage_export(args):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
@@ -277,19 +296,7 @@ def stage_export(args):
     seconds = {}
 
     def phase(owner, name, label, after=None):
-        real = getattr(owner, name)
-
-        def wrapped(*a, **k):
-            sampler.mark(label)
-            t = time.perf_counter()
-            try:
-                return real(*a, **k)
-            finally:
-                seconds[label] = round(seconds.get(label, 0) + time.perf_counter() - t, 1)
-                if after:
-                    sampler.mark(after)
-
-        setattr(owner, name, wrapped)
+        time_phase(sampler, seconds, owner, name, label, after)
 
     phase(lean_export, "model_and_source", "open the checkpoint")
     phase(template, "convert_template", "trace + convert the template", after="write")
@@ -346,59 +353,57 @@ def variable_specs(config, kernels="out_in"):
     return specs + [("final_norm/scale", (h,))]
 
 
-def random_graph_weights(config, seed=0, kernels="out_in"):
-    """`{path: loader}` of `random_causal_lm(config, seed)`'s weights as the export graph
-    stores them (the embedding divided by the final soft-cap), each regenerated when loaded:
-    the float source for `requantize_tflite`, with no model in memory."""
+def _hf_name(path):
+    """The checkpoint (Hugging Face) name of a `variable_specs` path."""
+    from gemma_keras.converters.weight_map import BLOCK_TENSORS
+
+    if path == "embed_tokens/embeddings":
+        return "model.embed_tokens.weight"
+    if path == "final_norm/scale":
+        return "model.norm.weight"
+    block, name = path.split("/", 1)
+    suffix = {v: k for k, v in BLOCK_TENSORS.items()}[name.replace("/", ".")]
+    return f"model.layers.{block.rsplit('_', 1)[1]}.{suffix}"
+
+
+def random_checkpoint_weights(config, seed=0, kernels="out_in"):
+    """`{checkpoint tensor name: loader}` of `random_causal_lm(config, seed)`'s weights in the
+    checkpoint's layout ([out, in] projections), each regenerated when loaded: the float
+    source for `requantize_tflite`, with no model in memory."""
     import types
 
     import numpy as np
 
-    from gemma_keras.conventions import stored_table_scale
-
-    table_scale = np.float32(stored_table_scale(config))
-
-    def loader(index, path, shape):
+    def loader(index, shape, transpose):
         def load():
             out = np.empty(shape, np.float32)
             variable = types.SimpleNamespace(shape=shape)
             for start, block in _original_chunks(variable, index, seed):
                 out[start:start + len(block)] = block
-            if path == "embed_tokens/embeddings":
-                out *= table_scale
-            return out
+            return np.ascontiguousarray(out.T) if transpose else out
 
         return load
 
     specs = variable_specs(config, kernels)
-    return {path: loader(i, path, shape) for i, (path, shape) in enumerate(specs)}
+    return {_hf_name(path): loader(i, shape, kernels == "in_out" and path.endswith("/kernel"))
+            for i, (path, shape) in enumerate(specs)}
 
 
 def stage_requantize(args):
     """`requantize_tflite` of --tflite (a dynamic_int8 export of the random model of this
     config) to --quantize, the float weights regenerated: seconds, peak RSS, size."""
     from gemma_keras.tflite import requantize as requantize_lib
+    from gemma_keras.tflite import requantize_plan, requantize_write
     from gemma_keras.tflite.file_info import TFLiteFileInfo
 
     sampler = RssSampler()
     config = model_config(args)
     seconds = {}
-    for name, label in [("_match_sources", "match (load each weight once)"),
-                        ("_write", "write (load, verify, quantize)")]:
-        real = getattr(requantize_lib, name)
-
-        def wrapped(*a, _real=real, _label=label, **k):
-            sampler.mark(_label)
-            t = time.perf_counter()
-            try:
-                return _real(*a, **k)
-            finally:
-                seconds[_label] = round(time.perf_counter() - t, 1)
-
-        setattr(requantize_lib, name, wrapped)
+    time_phase(sampler, seconds, requantize_plan, "plan", "plan (weight map, row scales)")
+    time_phase(sampler, seconds, requantize_write, "write", "write (load, verify, quantize)")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0 = time.perf_counter()
-    weights = random_graph_weights(config, kernels=args.kernel_layout)
+    weights = random_checkpoint_weights(config, kernels=args.kernel_layout)
     requantize_lib.requantize_tflite(args.tflite, weights, args.quantize, out)
     total_s = time.perf_counter() - t0
     phases = sampler.stop()
@@ -589,8 +594,9 @@ class _InterpreterSteps:
         from ai_edge_litert.interpreter import Interpreter
 
         self.interp = Interpreter(model_path=path, num_threads=threads)
-        self.runners = {1: self.interp.get_signature_runner("decode"),
-                        prefill_t: self.interp.get_signature_runner(f"prefill_{prefill_t}")}
+        self.runners = {1: self.interp.get_signature_runner(DECODE),
+                        prefill_t: self.interp.get_signature_runner(
+                            prefill_name(prefill_t))}
         details = self.runners[1].get_input_details()
         self.cache_len = int(details["mask"]["shape"][-1])
         self.cache = {n: np.zeros(d["shape"], np.float32) for n, d in details.items()
@@ -775,8 +781,8 @@ def stage_quant_error(args):
         export_s = time.perf_counter() - t0
         sampler.mark(f"run {quantize}")
         interp = Interpreter(model_path=str(out), num_threads=args.threads)
-        prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
-        decode = interp.get_signature_runner("decode")
+        prefill = interp.get_signature_runner(prefill_name(prefill_t))
+        decode = interp.get_signature_runner(DECODE)
         names = [n for n in decode.get_input_details() if n.startswith("kv_cache_")]
         cache = {n: np.zeros(decode.get_input_details()[n]["shape"], np.float32)
                  for n in names}

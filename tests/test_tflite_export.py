@@ -104,7 +104,7 @@ def test_weight_map_names_each_stored_weight(exported, keras_lm):
     """The lean file records which checkpoint tensor each weight buffer holds: in float32,
     each such buffer holds that tensor's values (the table: divided by the final soft-cap)."""
     from gemma_keras.converters.weight_map import weight_specs
-    from gemma_keras.tflite.weight_writer import read_weight_map
+    from gemma_keras.tflite.weight_map_metadata import read_weight_map
 
     weight_map = read_weight_map(exported["none"])
     specs = {s.hf_name: s.variable.numpy() for s in weight_specs(keras_lm.backbone)}
@@ -121,6 +121,19 @@ def test_weight_map_names_each_stored_weight(exported, keras_lm):
         b = model.Buffers(buffer)
         stored = np.frombuffer(data, np.float32, int(b.Size()) // 4, int(b.Offset()))
         np.testing.assert_array_equal(stored.reshape(expected.shape), expected)
+
+
+def test_converter_route_records_the_weight_map(exported, converter_exported):
+    """The converter route's dynamic_int8 file carries a weight map too: every int8 weight
+    buffer named after its checkpoint tensor, with the lean file's factors."""
+    from gemma_keras.tflite.weight_map_metadata import read_weight_map
+
+    lean = read_weight_map(exported["dynamic_int8"])
+    converter = read_weight_map(converter_exported["dynamic_int8"])
+    assert sorted(e["tensor"] for e in converter.values()) == \
+        sorted(e["tensor"] for e in lean.values())
+    assert {e["tensor"]: e["factor"] for e in converter.values()} == \
+        {e["tensor"]: e["factor"] for e in lean.values()}
 
 
 @pytest.fixture(scope="module")

@@ -32,22 +32,21 @@ from gemma_keras.atomic_files import atomic_file
 from gemma_keras.conventions import (
     BOS_ID,
     DECODE,
-    END_OF_TURN_ID,
-    EOS_ID,
+    END_OF_TURN,
     INPUT_POS,
     LOGITS,
     MASK,
     TOKENS,
+    STOP_IDS,
     prefill_lengths,
     prefill_name,
+    turn_start,
 )
 
 # Gemma's chat turns, as LiteRT-LM's prompt templates (used when a session or conversation
 # applies the template) and as the Jinja template of its Conversation API.
-GEMMA_PROMPT_TEMPLATES = {
-    "user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
-    "model": ("<start_of_turn>model\n", "<end_of_turn>\n"),
-}
+GEMMA_PROMPT_TEMPLATES = {role: (turn_start(role), f"{END_OF_TURN}\n")
+                          for role in ("user", "model")}
 GEMMA_JINJA_TEMPLATE = (
     # The engine passes content as a string or as a list of {"type": "text", "text": ...}.
     "{%- macro text(content) -%}"
@@ -178,7 +177,7 @@ def _check_tokenizer(tokenizer_path, vocab_size, start_token_id, stop_token_ids)
 
 
 # ------------------------------------------------------------------ metadata
-def llm_metadata(max_num_tokens, start_token_id=BOS_ID, stop_token_ids=(EOS_ID, END_OF_TURN_ID),
+def llm_metadata(max_num_tokens, start_token_id=BOS_ID, stop_token_ids=STOP_IDS,
                  chat_template=True):
     """The `LlmMetadata` protobuf of a Gemma 2 bundle (model type `generic_model`).
 
@@ -204,7 +203,7 @@ def llm_metadata(max_num_tokens, start_token_id=BOS_ID, stop_token_ids=(EOS_ID, 
 
 # ------------------------------------------------------------------ writing
 def write_litertlm(tflite_path, tokenizer_path, out_path, max_num_tokens=None, *,
-                   start_token_id=BOS_ID, stop_token_ids=(EOS_ID, END_OF_TURN_ID),
+                   start_token_id=BOS_ID, stop_token_ids=STOP_IDS,
                    chat_template=True, system_metadata=None):
     """Write `out_path` (.litertlm): the `.tflite`, the tokenizer and Gemma's `LlmMetadata`.
 
