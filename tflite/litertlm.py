@@ -42,6 +42,7 @@ from gemma_keras.conventions import (
     prefill_name,
     turn_start,
 )
+from gemma_keras.tflite.flatbuffer import TFLiteFile
 
 # Gemma's chat turns, as LiteRT-LM's prompt templates (used when a session or conversation
 # applies the template) and as the Jinja template of its Conversation API.
@@ -95,8 +96,6 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     Only the flatbuffer's tables are read (memory-mapped), never the weight buffers, so this
     is instant on a multi-GB file. Raises `LiteRTLMBundleError` naming what is missing.
     """
-    from gemma_keras.tflite.flatbuffer import TFLiteFile
-
     path = Path(tflite_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .tflite file")

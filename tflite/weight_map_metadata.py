@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from gemma_keras.conventions import WEIGHT_MAP_METADATA, stored_table_scale
+from gemma_keras.tflite.flatbuffer import TFLiteFile
 
 EMBEDDING = "model.embed_tokens.weight"  # the tied table's checkpoint tensor
 
@@ -35,8 +36,6 @@ def encode_weight_map(entries, encoding):
 def read_weight_map(file):
     """`{buffer index: {"tensor": hf_name, "factor": f}}` recorded in `file` (a path or an
     open `flatbuffer.TFLiteFile`), or None for a file written without it."""
-    from gemma_keras.tflite.flatbuffer import TFLiteFile
-
     if not isinstance(file, TFLiteFile):
         with TFLiteFile(file) as opened:
             return read_weight_map(opened)
