@@ -280,7 +280,7 @@ def stage_export(args):
     from gemma_keras.tflite import export_tflite
     from gemma_keras.tflite.file_info import TFLiteFileInfo
 
-    from gemma_keras.tflite import lean_export, requantize, template, weight_writer
+    from gemma_keras.tflite import export_graph, lean_export, requantize, template, weight_writer
 
     sampler = RssSampler(exact_phases=True)
     config = model_config(args)
@@ -305,7 +305,7 @@ def stage_export(args):
     phase(export_lib._ExportWeights, "__enter__", "trace")
     phase(tf.saved_model, "save", "save SavedModel")
     phase(export_lib._ExportWeights, "release", "release weights")
-    phase(export_lib, "_convert", "TF converter", after="quantize+write")
+    phase(export_graph, "convert", "TF converter", after="quantize+write")
     phase(export_lib._ExportWeights, "__exit__", "restore Keras weights", after="cleanup")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0, cpu0 = time.perf_counter(), _cpu_seconds()

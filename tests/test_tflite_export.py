@@ -297,7 +297,7 @@ def _weight_matmuls(saved_model_dir):
 SMALL = {**CONFIG, "vocab_size": 512}
 
 
-@pytest.mark.parametrize("failing", ["_convert", "save"])
+@pytest.mark.parametrize("failing", ["convert", "save"])
 def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
     """The converter route: an error in the converter (the weights are released by then, and
     read back from the SavedModel's checkpoint) or in the SavedModel write (before any
@@ -305,6 +305,7 @@ def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
     import tensorflow as tf
 
     import gemma_keras.tflite.export as export_lib
+    from gemma_keras.tflite import export_graph
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
@@ -313,8 +314,8 @@ def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
         assert _weight_matmuls(saved_model_dir) == {True}  # the converter's input
         boom()
 
-    if failing == "_convert":
-        monkeypatch.setattr(export_lib, "_convert", convert)
+    if failing == "convert":
+        monkeypatch.setattr(export_graph, "convert", convert)
     else:
         monkeypatch.setattr(tf.saved_model, "save", boom)
     lm = random_keras_lm(SMALL, seed=3)

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from gemma_keras.atomic_files import write_atomically
+from gemma_keras.tflite import export_graph
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras.tflite import template as template_lib
@@ -32,10 +33,8 @@ def model_and_source(model):
     from gemma_keras.tflite import weight_sources
 
     if isinstance(model, Gemma2CausalLM):
-        from gemma_keras.tflite.export import _load_model, refuse_lora
-
-        _load_model(model)  # refuses a model that does not compute in float32
-        refuse_lora(model)
+        export_graph.load_float32_model(model)  # refuses one that is not float32
+        export_graph.refuse_lora(model)
         return model, weight_sources.KerasModelSource(model, weight_specs(model.backbone))
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"expected a Gemma2CausalLM or a model directory, got "
