@@ -330,16 +330,15 @@ def stage_export(args):
            params=config.num_parameters())
 
 
-def variable_specs(config, kernels="out_in"):
+def variable_specs(config):
     """(path, shape) of `random_causal_lm(config).variables`, in order, from the config alone
-    (no weights allocated). `kernels`: the projections' layout, "out_in" (Linear, since
-    2a3b165) or "in_out" (Dense, before it), as the model that was exported had them."""
+    (no weights allocated); projections [out, in]."""
     h, i = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
 
     def kernel(n_in, n_out):
-        return (n_out, n_in) if kernels == "out_in" else (n_in, n_out)
+        return (n_out, n_in)
 
     block = [("input_layernorm/scale", (h,)), ("self_attn/q_proj/kernel", kernel(h, q)),
              ("self_attn/k_proj/kernel", kernel(h, kv)), ("self_attn/v_proj/kernel", kernel(h, kv)),
@@ -366,7 +365,7 @@ def _hf_name(path):
     return f"model.layers.{block.rsplit('_', 1)[1]}.{suffix}"
 
 
-def random_checkpoint_weights(config, seed=0, kernels="out_in"):
+def random_checkpoint_weights(config, seed=0):
     """`{checkpoint tensor name: loader}` of `random_causal_lm(config, seed)`'s weights in the
     checkpoint's layout ([out, in] projections), each regenerated when loaded: the float
     source for `requantize_tflite`, with no model in memory."""
@@ -374,19 +373,18 @@ def random_checkpoint_weights(config, seed=0, kernels="out_in"):
 
     import numpy as np
 
-    def loader(index, shape, transpose):
+    def loader(index, shape):
         def load():
             out = np.empty(shape, np.float32)
             variable = types.SimpleNamespace(shape=shape)
             for start, block in _original_chunks(variable, index, seed):
                 out[start:start + len(block)] = block
-            return np.ascontiguousarray(out.T) if transpose else out
+            return out
 
         return load
 
-    specs = variable_specs(config, kernels)
-    return {_hf_name(path): loader(i, shape, kernels == "in_out" and path.endswith("/kernel"))
-            for i, (path, shape) in enumerate(specs)}
+    return {_hf_name(path): loader(i, shape)
+            for i, (path, shape) in enumerate(variable_specs(config))}
 
 
 def stage_requantize(args):
@@ -403,14 +401,14 @@ def stage_requantize(args):
     time_phase(sampler, seconds, requantize_write, "write", "write (load, verify, quantize)")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0 = time.perf_counter()
-    weights = random_checkpoint_weights(config, kernels=args.kernel_layout)
+    weights = random_checkpoint_weights(config)
     requantize_lib.requantize_tflite(args.tflite, weights, args.quantize, out)
     total_s = time.perf_counter() - t0
     phases = sampler.stop()
     info = TFLiteFileInfo(out)
     expected = expected_weight_bytes(config, args.quantize)
     record(args, "requantize", config=config_name(args), quantize=args.quantize,
-           kernel_layout=args.kernel_layout, input=args.tflite,
+           input=args.tflite,
            input_bytes=os.path.getsize(args.tflite), path=str(out),
            seconds=round(total_s, 1), phase_s=seconds, file_bytes=info.size,
            weight_bytes=expected, size_ratio=round(info.size / expected, 4),
@@ -1100,9 +1098,6 @@ def main():
                         "(the lean route's use); default: a random model built in process")
     parser.add_argument("--llama-cpp", help="llamacpp: a llama.cpp source tree with build/bin")
     parser.add_argument("--llama-quants", default=",".join(LLAMA_QUANTS))
-    parser.add_argument("--kernel-layout", choices=["out_in", "in_out"], default="out_in",
-                        help="requantize: the projections' layout in the exported model "
-                             "(in_out for exports made before the Linear layers)")
     parser.add_argument("--runtimes", default=",".join(LITERT_RUNTIMES),
                         help="litert: the runtimes to time, each in its own process; one of "
                              + ", ".join(LITERT_RUNTIMES))
