@@ -136,6 +136,17 @@ def test_converter_route_records_the_weight_map(exported, converter_exported):
         {e["tensor"]: e["factor"] for e in lean.values()}
 
 
+@pytest.mark.parametrize("quantize", ["none", "fp16", "dynamic_int8"])
+def test_flatbuffer_reads_and_writes_back_the_same_bytes(exported, quantize, tmp_path):
+    """`flatbuffer.TFLiteFile` unpacks a lean export and `rewrite_file` writes it back (the
+    flatbuffer, then every buffer at its offset) byte for byte."""
+    from gemma_keras.tflite import flatbuffer
+
+    with flatbuffer.TFLiteFile(exported[quantize]) as file:
+        out = flatbuffer.rewrite_file(file, file.unpack(), tmp_path / "copy.tflite")
+    assert out.read_bytes() == Path(exported[quantize]).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def prompt_and_reference(keras_lm):
     """A 20-token prompt and the Keras logits after each of its tokens [20, vocab]."""

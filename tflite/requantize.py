@@ -35,7 +35,7 @@ from pathlib import Path
 
 from gemma_keras.tflite import requantize_plan, requantize_rewrite, requantize_write
 from gemma_keras.tflite.flatbuffer import TFLiteFile
-from gemma_keras.tflite.requantize_plan import BITS, BLOCK_SIZES  # noqa: F401 (public)
+from gemma_keras.tflite.requantize_plan import BLOCK_SIZES  # noqa: F401 (public)
 from gemma_keras.tflite.weight_sources import ArraySource, WeightSource
 
 
