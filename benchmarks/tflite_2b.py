@@ -53,7 +53,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gemma_keras.conventions import DECODE, MASK_HIDDEN, prefill_name  # noqa: E402
+from gemma_keras.conventions import (  # noqa: E402
+    DECODE,
+    LOGITS,
+    MASK,
+    MASK_HIDDEN,
+    cache_names,
+    prefill_name,
+)
 
 GIB = 2**30
 
@@ -207,6 +214,12 @@ def padded_tokenizer(vocab_size, out_path):
     proto.trainer_spec.vocab_size = vocab_size
     Path(out_path).write_bytes(proto.SerializeToString())
     return str(out_path)
+
+
+def cache_name_set(most_layers):
+    """The cache tensors' names of a file with up to `most_layers` layers."""
+    k_names, v_names = cache_names(most_layers)
+    return set(k_names) | set(v_names)
 
 
 def causal_mask(positions, cache_len):
@@ -596,9 +609,9 @@ class _InterpreterSteps:
                         prefill_t: self.interp.get_signature_runner(
                             prefill_name(prefill_t))}
         details = self.runners[1].get_input_details()
-        self.cache_len = int(details["mask"]["shape"][-1])
+        self.cache_len = int(details[MASK]["shape"][-1])
         self.cache = {n: np.zeros(d["shape"], np.float32) for n, d in details.items()
-                      if n.startswith("kv_cache_")}
+                      if n in cache_name_set(len(details))}
         self._pos = 0
 
     def _run(self, seq_len, tokens, start):
@@ -614,7 +627,7 @@ class _InterpreterSteps:
     def step(self, token):
         out = self._run(1, [token], self._pos)
         self._pos += 1
-        return out["logits"].reshape(-1)
+        return out[LOGITS].reshape(-1)
 
 
 def stage_engine(args):
@@ -781,9 +794,9 @@ def stage_quant_error(args):
         interp = Interpreter(model_path=str(out), num_threads=args.threads)
         prefill = interp.get_signature_runner(prefill_name(prefill_t))
         decode = interp.get_signature_runner(DECODE)
-        names = [n for n in decode.get_input_details() if n.startswith("kv_cache_")]
-        cache = {n: np.zeros(decode.get_input_details()[n]["shape"], np.float32)
-                 for n in names}
+        details = decode.get_input_details()
+        names = [n for n in details if n in cache_name_set(len(details))]
+        cache = {n: np.zeros(details[n]["shape"], np.float32) for n in names}
         o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
                     mask=causal_mask(range(prefill_t), cache_len), **cache)
         cache = {n: o[n] for n in names}
@@ -793,7 +806,7 @@ def stage_quant_error(args):
             o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
                        mask=causal_mask([pos], cache_len), **cache)
             cache = {n: o[n] for n in names}
-            got.append(o["logits"][0, -1])
+            got.append(o[LOGITS][0, -1])
         got = np.stack(got)
         err = got - ref
         rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size,

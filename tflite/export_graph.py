@@ -34,8 +34,11 @@ import os
 
 from gemma_keras.conventions import (
     DECODE,
+    INPUT_POS,
     LOGITS,
+    MASK,
     MASK_VISIBLE_ABOVE,
+    TOKENS,
     cache_names,
     prefill_name,
     score_name,
@@ -98,9 +101,9 @@ class GemmaSignatures:
     def specs(self, seq_len):
         tf = self.tf
         return {
-            "tokens": tf.TensorSpec((1, seq_len), tf.int32, name="tokens"),
-            "input_pos": tf.TensorSpec((seq_len,), tf.int32, name="input_pos"),
-            "mask": tf.TensorSpec((1, 1, seq_len, self.cache_len), tf.float32, name="mask"),
+            TOKENS: tf.TensorSpec((1, seq_len), tf.int32, name=TOKENS),
+            INPUT_POS: tf.TensorSpec((seq_len,), tf.int32, name=INPUT_POS),
+            MASK: tf.TensorSpec((1, 1, seq_len, self.cache_len), tf.float32, name=MASK),
             **self.cache_specs(),
         }
 
@@ -113,14 +116,14 @@ class GemmaSignatures:
         k_names, v_names = cache_names(c.num_hidden_layers)
         cache = [(inputs[k], inputs[v]) for k, v in zip(k_names, v_names)]
 
-        positions = inputs["input_pos"][None, :]  # [1, T]
-        visible = inputs["mask"][:, 0] > MASK_VISIBLE_ABOVE  # [1, T, S]
+        positions = inputs[INPUT_POS][None, :]  # [1, T]
+        visible = inputs[MASK][:, 0] > MASK_VISIBLE_ABOVE  # [1, T, S]
         distance = positions[:, :, None] - tf.range(self.cache_len, dtype=tf.int32)[None, None]
         sliding = tf.logical_and(visible, distance < c.sliding_window)
 
         hidden, new_cache = backbone.run_blocks(
-            self.embed(inputs["tokens"]), positions, (visible, sliding),
-            cache=cache, cache_index=inputs["input_pos"][0],
+            self.embed(inputs[TOKENS]), positions, (visible, sliding),
+            cache=cache, cache_index=inputs[INPUT_POS][0],
         )
         outputs = {}
         for (k, v), k_name, v_name in zip(new_cache, k_names, v_names):

@@ -38,6 +38,7 @@ from gemma_keras.conventions import (
     MASK,
     TOKENS,
     STOP_IDS,
+    cache_names,
     prefill_lengths,
     prefill_name,
     turn_start,
@@ -123,12 +124,13 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     for name in (TOKENS, INPUT_POS, MASK):
         if name not in dec_in:
             fail(f"decode has no input {name!r}")
-    k_names = sorted((n for n in dec_in if n.startswith("kv_cache_k_")),
-                     key=lambda n: int(n.rsplit("_", 1)[1]))
+    num_layers = 0
+    while cache_names(num_layers + 1)[0][-1] in dec_in:
+        num_layers += 1
+    k_names, v_names = cache_names(num_layers)
     if not k_names:
         fail("decode has no kv_cache_k_<i> inputs")
-    for k in k_names:
-        v = k.replace("_k_", "_v_")
+    for k, v in zip(k_names, v_names):
         if v not in dec_in or k not in dec_out or v not in dec_out:
             fail(f"{k}/{v} must be both inputs and outputs of decode")
     if LOGITS not in dec_out:
