@@ -26,6 +26,7 @@ import os
 import struct
 from pathlib import Path
 
+import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
@@ -300,8 +301,6 @@ def write_with_offsets(out_path, model, order, write_buffer):
 
 def _pack_with_offsets(model, order):
     """The flatbuffer, padded to `ALIGN`, with each buffer's offset and size set."""
-    import flatbuffers
-
     def pack():
         builder = flatbuffers.Builder(1 << 20)
         builder.Finish(model.Pack(builder), file_identifier=IDENTIFIER)
