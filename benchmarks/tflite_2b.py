@@ -53,8 +53,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gemma_keras.conventions import (  # noqa: E402
+    DECODE,
+    LOGITS,
+    MASK,
+    MASK_HIDDEN,
+    cache_names,
+    prefill_name,
+)
+
 GIB = 2**30
-FLT_HIDDEN = -0.7 * 3.4028234663852886e38  # what LiteRT-LM writes into `mask`
 
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -208,10 +216,16 @@ def padded_tokenizer(vocab_size, out_path):
     return str(out_path)
 
 
+def cache_name_set(most_layers):
+    """The cache tensors' names of a file with up to `most_layers` layers."""
+    k_names, v_names = cache_names(most_layers)
+    return set(k_names) | set(v_names)
+
+
 def causal_mask(positions, cache_len):
     import numpy as np
 
-    mask = np.full((1, 1, len(positions), cache_len), FLT_HIDDEN, np.float32)
+    mask = np.full((1, 1, len(positions), cache_len), MASK_HIDDEN, np.float32)
     for row, pos in enumerate(positions):
         mask[0, 0, row, : pos + 1] = 0.0
     return mask
@@ -253,6 +267,24 @@ def _cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def time_phase(sampler, seconds, owner, name, label, after=None):
+    """Wrap `owner.name` so that each call marks phase `label` on `sampler` (and `after`
+    when it returns) and adds its seconds to `seconds[label]`."""
+    real = getattr(owner, name)
+
+    def wrapped(*a, **k):
+        sampler.mark(label)
+        t = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            seconds[label] = round(seconds.get(label, 0) + time.perf_counter() - t, 1)
+            if after:
+                sampler.mark(after)
+
+    setattr(owner, name, wrapped)
+
+
 def stage_export(args):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
@@ -261,7 +293,7 @@ def stage_export(args):
     from gemma_keras.tflite import export_tflite
     from gemma_keras.tflite.file_info import TFLiteFileInfo
 
-    from gemma_keras.tflite import lean_export, requantize, template, weight_writer
+    from gemma_keras.tflite import export_graph, lean_export, requantize, template, weight_writer
 
     sampler = RssSampler(exact_phases=True)
     config = model_config(args)
@@ -277,19 +309,7 @@ def stage_export(args):
     seconds = {}
 
     def phase(owner, name, label, after=None):
-        real = getattr(owner, name)
-
-        def wrapped(*a, **k):
-            sampler.mark(label)
-            t = time.perf_counter()
-            try:
-                return real(*a, **k)
-            finally:
-                seconds[label] = round(seconds.get(label, 0) + time.perf_counter() - t, 1)
-                if after:
-                    sampler.mark(after)
-
-        setattr(owner, name, wrapped)
+        time_phase(sampler, seconds, owner, name, label, after)
 
     phase(lean_export, "model_and_source", "open the checkpoint")
     phase(template, "convert_template", "trace + convert the template", after="write")
@@ -298,7 +318,7 @@ def stage_export(args):
     phase(export_lib._ExportWeights, "__enter__", "trace")
     phase(tf.saved_model, "save", "save SavedModel")
     phase(export_lib._ExportWeights, "release", "release weights")
-    phase(export_lib, "_convert", "TF converter", after="quantize+write")
+    phase(export_graph, "convert", "TF converter", after="quantize+write")
     phase(export_lib._ExportWeights, "__exit__", "restore Keras weights", after="cleanup")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -323,16 +343,15 @@ def stage_export(args):
            params=config.num_parameters())
 
 
-def variable_specs(config, kernels="out_in"):
+def variable_specs(config):
     """(path, shape) of `random_causal_lm(config).variables`, in order, from the config alone
-    (no weights allocated). `kernels`: the projections' layout, "out_in" (Linear, since
-    2a3b165) or "in_out" (Dense, before it), as the model that was exported had them."""
+    (no weights allocated); projections [out, in]."""
     h, i = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
 
     def kernel(n_in, n_out):
-        return (n_out, n_in) if kernels == "out_in" else (n_in, n_out)
+        return (n_out, n_in)
 
     block = [("input_layernorm/scale", (h,)), ("self_attn/q_proj/kernel", kernel(h, q)),
              ("self_attn/k_proj/kernel", kernel(h, kv)), ("self_attn/v_proj/kernel", kernel(h, kv)),
@@ -346,66 +365,63 @@ def variable_specs(config, kernels="out_in"):
     return specs + [("final_norm/scale", (h,))]
 
 
-def random_graph_weights(config, seed=0, kernels="out_in"):
-    """`{path: loader}` of `random_causal_lm(config, seed)`'s weights as the export graph
-    stores them (the embedding divided by the final soft-cap), each regenerated when loaded:
-    the float source for `requantize_tflite`, with no model in memory."""
+def _hf_name(path):
+    """The checkpoint (Hugging Face) name of a `variable_specs` path."""
+    from gemma_keras.converters.weight_map import BLOCK_TENSORS
+
+    if path == "embed_tokens/embeddings":
+        return "model.embed_tokens.weight"
+    if path == "final_norm/scale":
+        return "model.norm.weight"
+    block, name = path.split("/", 1)
+    suffix = {v: k for k, v in BLOCK_TENSORS.items()}[name.replace("/", ".")]
+    return f"model.layers.{block.rsplit('_', 1)[1]}.{suffix}"
+
+
+def random_checkpoint_weights(config, seed=0):
+    """`{checkpoint tensor name: loader}` of `random_causal_lm(config, seed)`'s weights in the
+    checkpoint's layout ([out, in] projections), each regenerated when loaded: the float
+    source for `requantize_tflite`, with no model in memory."""
     import types
 
     import numpy as np
 
-    from gemma_keras.conventions import stored_table_scale
-
-    table_scale = np.float32(stored_table_scale(config))
-
-    def loader(index, path, shape):
+    def loader(index, shape):
         def load():
             out = np.empty(shape, np.float32)
             variable = types.SimpleNamespace(shape=shape)
             for start, block in _original_chunks(variable, index, seed):
                 out[start:start + len(block)] = block
-            if path == "embed_tokens/embeddings":
-                out *= table_scale
             return out
 
         return load
 
-    specs = variable_specs(config, kernels)
-    return {path: loader(i, path, shape) for i, (path, shape) in enumerate(specs)}
+    return {_hf_name(path): loader(i, shape)
+            for i, (path, shape) in enumerate(variable_specs(config))}
 
 
 def stage_requantize(args):
     """`requantize_tflite` of --tflite (a dynamic_int8 export of the random model of this
     config) to --quantize, the float weights regenerated: seconds, peak RSS, size."""
     from gemma_keras.tflite import requantize as requantize_lib
+    from gemma_keras.tflite import requantize_plan, requantize_write
     from gemma_keras.tflite.file_info import TFLiteFileInfo
 
     sampler = RssSampler()
     config = model_config(args)
     seconds = {}
-    for name, label in [("_match_sources", "match (load each weight once)"),
-                        ("_write", "write (load, verify, quantize)")]:
-        real = getattr(requantize_lib, name)
-
-        def wrapped(*a, _real=real, _label=label, **k):
-            sampler.mark(_label)
-            t = time.perf_counter()
-            try:
-                return _real(*a, **k)
-            finally:
-                seconds[_label] = round(time.perf_counter() - t, 1)
-
-        setattr(requantize_lib, name, wrapped)
+    time_phase(sampler, seconds, requantize_plan, "plan", "plan (weight map, row scales)")
+    time_phase(sampler, seconds, requantize_write, "write", "write (load, verify, quantize)")
     out = Path(args.out_dir) / f"{config_name(args)}_{args.quantize}.tflite"
     t0 = time.perf_counter()
-    weights = random_graph_weights(config, kernels=args.kernel_layout)
+    weights = random_checkpoint_weights(config)
     requantize_lib.requantize_tflite(args.tflite, weights, args.quantize, out)
     total_s = time.perf_counter() - t0
     phases = sampler.stop()
     info = TFLiteFileInfo(out)
     expected = expected_weight_bytes(config, args.quantize)
     record(args, "requantize", config=config_name(args), quantize=args.quantize,
-           kernel_layout=args.kernel_layout, input=args.tflite,
+           input=args.tflite,
            input_bytes=os.path.getsize(args.tflite), path=str(out),
            seconds=round(total_s, 1), phase_s=seconds, file_bytes=info.size,
            weight_bytes=expected, size_ratio=round(info.size / expected, 4),
@@ -589,12 +605,13 @@ class _InterpreterSteps:
         from ai_edge_litert.interpreter import Interpreter
 
         self.interp = Interpreter(model_path=path, num_threads=threads)
-        self.runners = {1: self.interp.get_signature_runner("decode"),
-                        prefill_t: self.interp.get_signature_runner(f"prefill_{prefill_t}")}
+        self.runners = {1: self.interp.get_signature_runner(DECODE),
+                        prefill_t: self.interp.get_signature_runner(
+                            prefill_name(prefill_t))}
         details = self.runners[1].get_input_details()
-        self.cache_len = int(details["mask"]["shape"][-1])
+        self.cache_len = int(details[MASK]["shape"][-1])
         self.cache = {n: np.zeros(d["shape"], np.float32) for n, d in details.items()
-                      if n.startswith("kv_cache_")}
+                      if n in cache_name_set(len(details))}
         self._pos = 0
 
     def _run(self, seq_len, tokens, start):
@@ -610,7 +627,7 @@ class _InterpreterSteps:
     def step(self, token):
         out = self._run(1, [token], self._pos)
         self._pos += 1
-        return out["logits"].reshape(-1)
+        return out[LOGITS].reshape(-1)
 
 
 def stage_engine(args):
@@ -775,11 +792,11 @@ def stage_quant_error(args):
         export_s = time.perf_counter() - t0
         sampler.mark(f"run {quantize}")
         interp = Interpreter(model_path=str(out), num_threads=args.threads)
-        prefill = interp.get_signature_runner(f"prefill_{prefill_t}")
-        decode = interp.get_signature_runner("decode")
-        names = [n for n in decode.get_input_details() if n.startswith("kv_cache_")]
-        cache = {n: np.zeros(decode.get_input_details()[n]["shape"], np.float32)
-                 for n in names}
+        prefill = interp.get_signature_runner(prefill_name(prefill_t))
+        decode = interp.get_signature_runner(DECODE)
+        details = decode.get_input_details()
+        names = [n for n in details if n in cache_name_set(len(details))]
+        cache = {n: np.zeros(details[n]["shape"], np.float32) for n in names}
         o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
                     mask=causal_mask(range(prefill_t), cache_len), **cache)
         cache = {n: o[n] for n in names}
@@ -789,7 +806,7 @@ def stage_quant_error(args):
             o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
                        mask=causal_mask([pos], cache_len), **cache)
             cache = {n: o[n] for n in names}
-            got.append(o["logits"][0, -1])
+            got.append(o[LOGITS][0, -1])
         got = np.stack(got)
         err = got - ref
         rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size,
@@ -1094,9 +1111,6 @@ def main():
                         "(the lean route's use); default: a random model built in process")
     parser.add_argument("--llama-cpp", help="llamacpp: a llama.cpp source tree with build/bin")
     parser.add_argument("--llama-quants", default=",".join(LLAMA_QUANTS))
-    parser.add_argument("--kernel-layout", choices=["out_in", "in_out"], default="out_in",
-                        help="requantize: the projections' layout in the exported model "
-                             "(in_out for exports made before the Linear layers)")
     parser.add_argument("--runtimes", default=",".join(LITERT_RUNTIMES),
                         help="litert: the runtimes to time, each in its own process; one of "
                              + ", ".join(LITERT_RUNTIMES))

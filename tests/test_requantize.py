@@ -4,7 +4,8 @@ A random Gemma 2 is exported once as dynamic int8 and as float32; ai-edge-quanti
 float32 file into int4 block 32, block 128 and per channel, and int8 per channel, the reference. The requantized int8
 file must equal ai-edge-quantizer's file wherever the weights are concerned (values, scales, tensor types and quantization
 parameters, op codes, versions and options), decode the same logits, keep the tied embedding
-one tensor, and refuse bad inputs with a clear error and no file left behind.
+one tensor, find each weight by the file's weight map, and refuse bad inputs with a clear
+error and no file left behind.
 """
 
 from __future__ import annotations
@@ -166,13 +167,22 @@ def test_tied_embedding_stays_one_tensor(exported, requantized, quantize):
     assert info.signature_names() == reference.signature_names()
 
 
-def test_transposed_and_renamed_sources_give_the_same_file(keras_lm, exported, requantized,
-                                                           tmp_path):
-    """Matching is by value: Dense kernels given as [out, in] under other names work too."""
-    from gemma_keras.tflite.requantize import keras_weights, requantize_tflite
+def _arrays(keras_lm):
+    """`{checkpoint tensor name: loader}` of the model's weights, as a plain dict."""
+    from gemma_keras.converters.weight_map import weight_specs
 
-    weights = {f"w{i}": (v().T if v().ndim == 2 and "embed" not in k else v())
-               for i, (k, v) in enumerate(keras_weights(keras_lm).items())}
+    return {s.hf_name: s.variable.numpy for s in weight_specs(keras_lm.backbone)}
+
+
+def test_weights_are_found_by_the_files_weight_map(keras_lm, exported, requantized, tmp_path):
+    """A plain dict of arrays named as the file's weight map names them gives the file that
+    the model's own weights give; extra entries are never loaded."""
+    from gemma_keras.tflite.requantize import requantize_tflite
+
+    def never():
+        raise AssertionError("a tensor the file does not hold was loaded")
+
+    weights = {**_arrays(keras_lm), "unused": never}
     out = requantize_tflite(exported["dynamic_int8"], weights, "int4_block32", tmp_path / "t")
     assert out.read_bytes() == requantized["int4_block32"].read_bytes()
 
@@ -187,27 +197,39 @@ def _refused(tmp_path, source, weights, match, quantize="int4_block32"):
     assert not list(out.parent.iterdir()), "a refused requantization left files behind"
 
 
-def test_bad_inputs_are_refused_and_leave_no_file(keras_lm, exported, tmp_path):
-    from gemma_keras.tflite.requantize import keras_weights
+def _without_weight_map(path, out):
+    """A copy of `path` with its weight map metadata dropped (as older exports wrote it)."""
+    from gemma_keras.conventions import WEIGHT_MAP_METADATA
+    from gemma_keras.tflite import flatbuffer
 
+    with flatbuffer.TFLiteFile(path) as file:
+        model = file.unpack()
+        model.metadata = [m for m in model.metadata if m.name != WEIGHT_MAP_METADATA.encode()]
+        return flatbuffer.rewrite_file(file, model, out)
+
+
+def test_bad_inputs_are_refused_and_leave_no_file(keras_lm, exported, tmp_path):
     int8 = exported["dynamic_int8"]
-    good = keras_weights(keras_lm)
-    q_proj = "decoder_block_1/self_attn/q_proj/kernel"
+    good = _arrays(keras_lm)
+    q_proj = "model.layers.1.self_attn.q_proj.weight"
     missing = {k: v for k, v in good.items() if k != q_proj}
     # (the lean export names each weight tensor after its checkpoint tensor)
-    _refused(tmp_path, int8, missing, r"no float weight matches tensor "
-             r"'model.layers.1.self_attn.q_proj.weight' \[128, 128\]")
+    _refused(tmp_path, int8, missing, rf"tensor '{q_proj}' holds checkpoint tensor "
+             rf"'{q_proj}' by the file's weight map, which `weights` does not have")
     wrong_shape = {**good, q_proj: np.zeros((HIDDEN, 96), np.float32)}
-    _refused(tmp_path, int8, wrong_shape, "no float weight matches tensor 'model.layers.1")
-    no_cap = {**good, "embed_tokens/embeddings": keras_lm.backbone.embed_tokens.embeddings.numpy}
-    _refused(tmp_path, int8, no_cap, r"closest, 'embed_tokens/embeddings', .*final_logit")
+    _refused(tmp_path, int8, wrong_shape, rf"tensor {q_proj} has shape \[128, 96\]; tensor "
+             rf"'{q_proj}' of the file is \[128, 128\]")
+    embedding = "model.embed_tokens.weight"
+    capped_twice = {**good, embedding: lambda: good[embedding]() / CONFIG[
+        "final_logit_softcapping"]}
+    _refused(tmp_path, int8, capped_twice, rf"checkpoint tensor '{embedding}' does not hold "
+             rf"the values of tensor '{embedding}' at row \d+")
+
     def broken():
         raise OSError("disk on fire")
 
-    _refused(tmp_path, int8, {**good, "broken": broken}, r"weights\['broken'\] could not be "
+    _refused(tmp_path, int8, {**good, q_proj: broken}, rf"weights\['{q_proj}'\] could not be "
              r"loaded: disk on fire")
-    twice = {**good, "copy": good[q_proj]}
-    _refused(tmp_path, int8, twice, r"is ambiguous: .*'copy'")
     _refused(tmp_path, int8, good, "quantize must be one of", quantize="int4_block64")
 
     truncated = tmp_path / "truncated.tflite"
@@ -218,32 +240,32 @@ def test_bad_inputs_are_refused_and_leave_no_file(keras_lm, exported, tmp_path):
     _refused(tmp_path, garbage, good, "garbage.tflite is not a .tflite flatbuffer")
     float_file = exported["int4_block32"]
     _refused(tmp_path, float_file, good, "expected an int8 .*weight")
+    no_map = _without_weight_map(int8, tmp_path / "no_map.tflite")
+    _refused(tmp_path, no_map, good, r"no_map.tflite records no weight map .* re-export it")
 
 
-def test_a_value_wrong_off_the_sample_fails_while_writing(keras_lm, exported, tmp_path):
-    """One value off by many int8 steps where the first pass does not look: the write checks
-    every value, fails naming the row, and removes its partial file."""
-    from gemma_keras.tflite.requantize import keras_weights
-
-    weights = keras_weights(keras_lm)
-    name = "decoder_block_0/up_proj/kernel"  # the file's tensor is [out, in] = [256, 128]
+def test_a_value_that_does_not_round_to_the_file_fails_while_writing(keras_lm, exported,
+                                                                    tmp_path):
+    """One value off by many int8 steps: the write checks every value against the int8 data
+    it replaces, fails naming the row, and removes its partial file."""
+    weights = _arrays(keras_lm)
+    name = "model.layers.0.mlp.up_proj.weight"  # [out, in] = [256, 128]
     kernel = weights[name]().copy()
     kernel[5, 77] += 1.0
-    row = 5 if kernel.shape == (256, HIDDEN) else 77  # Keras [out, in] or [in, out]
     _refused(tmp_path, exported["dynamic_int8"], {**weights, name: kernel},
-             rf"matched tensor '.*up_proj.*' on a sample but not at row {row}:")
+             rf"checkpoint tensor '{name}' does not hold the values of tensor '{name}' at "
+             rf"row 5:")
 
 
 def test_checkpoint_weights_read_the_exporters_checkpoint(keras_lm, exported, requantized,
                                                           tmp_path):
-    """`checkpoint_weights` reads `weights/<i>` (the i-th Keras variable, Dense kernels
-    transposed), the layout of the exporter's SavedModel checkpoint."""
+    """`checkpoint_weights` reads `weights/<i>` (the i-th Keras variable), the layout of the
+    exporter's SavedModel checkpoint."""
     import tensorflow as tf
 
     from gemma_keras.tflite.requantize import checkpoint_weights, requantize_tflite
 
-    values = [v.numpy().T if v.ndim == 2 and "embed" not in v.path else v.numpy()
-              for v in keras_lm.variables]
+    values = [v.numpy() for v in keras_lm.variables]
     path = tf.train.Checkpoint(weights=[tf.Variable(v) for v in values]).write(
         str(tmp_path / "ckpt" / "variables"))
     out = requantize_tflite(exported["dynamic_int8"], checkpoint_weights(path, keras_lm),

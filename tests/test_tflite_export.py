@@ -104,7 +104,7 @@ def test_weight_map_names_each_stored_weight(exported, keras_lm):
     """The lean file records which checkpoint tensor each weight buffer holds: in float32,
     each such buffer holds that tensor's values (the table: divided by the final soft-cap)."""
     from gemma_keras.converters.weight_map import weight_specs
-    from gemma_keras.tflite.weight_writer import read_weight_map
+    from gemma_keras.tflite.weight_map_metadata import read_weight_map
 
     weight_map = read_weight_map(exported["none"])
     specs = {s.hf_name: s.variable.numpy() for s in weight_specs(keras_lm.backbone)}
@@ -121,6 +121,30 @@ def test_weight_map_names_each_stored_weight(exported, keras_lm):
         b = model.Buffers(buffer)
         stored = np.frombuffer(data, np.float32, int(b.Size()) // 4, int(b.Offset()))
         np.testing.assert_array_equal(stored.reshape(expected.shape), expected)
+
+
+def test_converter_route_records_the_weight_map(exported, converter_exported):
+    """The converter route's dynamic_int8 file carries a weight map too: every int8 weight
+    buffer named after its checkpoint tensor, with the lean file's factors."""
+    from gemma_keras.tflite.weight_map_metadata import read_weight_map
+
+    lean = read_weight_map(exported["dynamic_int8"])
+    converter = read_weight_map(converter_exported["dynamic_int8"])
+    assert sorted(e["tensor"] for e in converter.values()) == \
+        sorted(e["tensor"] for e in lean.values())
+    assert {e["tensor"]: e["factor"] for e in converter.values()} == \
+        {e["tensor"]: e["factor"] for e in lean.values()}
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp16", "dynamic_int8"])
+def test_flatbuffer_reads_and_writes_back_the_same_bytes(exported, quantize, tmp_path):
+    """`flatbuffer.TFLiteFile` unpacks a lean export and `rewrite_file` writes it back (the
+    flatbuffer, then every buffer at its offset) byte for byte."""
+    from gemma_keras.tflite import flatbuffer
+
+    with flatbuffer.TFLiteFile(exported[quantize]) as file:
+        out = flatbuffer.rewrite_file(file, file.unpack(), tmp_path / "copy.tflite")
+    assert out.read_bytes() == Path(exported[quantize]).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +308,7 @@ def _weight_matmuls(saved_model_dir):
 SMALL = {**CONFIG, "vocab_size": 512}
 
 
-@pytest.mark.parametrize("failing", ["_convert", "save"])
+@pytest.mark.parametrize("failing", ["convert", "save"])
 def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
     """The converter route: an error in the converter (the weights are released by then, and
     read back from the SavedModel's checkpoint) or in the SavedModel write (before any
@@ -292,6 +316,7 @@ def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
     import tensorflow as tf
 
     import gemma_keras.tflite.export as export_lib
+    from gemma_keras.tflite import export_graph
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
@@ -300,8 +325,8 @@ def test_failed_export_restores_keras_weights(tmp_path, monkeypatch, failing):
         assert _weight_matmuls(saved_model_dir) == {True}  # the converter's input
         boom()
 
-    if failing == "_convert":
-        monkeypatch.setattr(export_lib, "_convert", convert)
+    if failing == "convert":
+        monkeypatch.setattr(export_graph, "convert", convert)
     else:
         monkeypatch.setattr(tf.saved_model, "save", boom)
     lm = random_keras_lm(SMALL, seed=3)

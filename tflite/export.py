@@ -1,31 +1,14 @@
 """Export a Gemma 2 causal LM to one `.tflite` file with prefill/decode signatures and a KV cache.
 
-The file follows the conventions of Google's LiteRT-LM and MediaPipe LLM runtimes:
+The signatures, their inputs and outputs (LiteRT-LM's conventions) and the converter's
+settings are in `export_graph.py`. Two routes write the files:
 
-  prefill_<T>  inputs  tokens int32 [1, T], input_pos int32 [T], mask float32 [1, 1, T, S],
-                       kv_cache_k_<i> float32 [1, kv_heads, S, head_dim],
-                       kv_cache_v_<i> float32 [1, kv_heads, head_dim, S] (transposed)
-               outputs kv_cache_k_<i> / kv_cache_v_<i> (the updated caches)
-  decode       the same with T = 1, plus output logits float32 [1, 1, vocab]
-  score_<T>    (optional, `score_lens`) prefill_<T> plus output logits float32 [1, T, vocab]
-
-S is the cache length. `mask` is additive: 0 where a query may see a key, a large negative
-number (LiteRT-LM writes -0.7 * FLT_MAX) where it may not. Token t of a call is written at
-cache slot `input_pos[0] + t` (one contiguous XLA dynamic_update_slice, which TFLite runs as
-DYNAMIC_UPDATE_SLICE), and its RoPE position is `input_pos[t]`. Sliding-window layers add
-their window constraint inside the graph from `input_pos` and the slot index.
-
-The model's own Keras layers run the graph (TensorFlow backend, `backbone.run_blocks` with
-explicit positions and masks). Their projections (`gemma_keras.layers.Linear`) keep kernels
-[out, in] and compute `matmul(x, kernel, transpose_b=True)`, which the converter maps to
-FULLY_CONNECTED as is: no TRANSPOSE for it to fold into a new constant per signature. Only
-the tied embedding's two uses are written here: the token lookup and the output head,
-`matmul(hidden, table, transpose_b=True)`, FULLY_CONNECTED on the very tensor the lookup
-reads (one stored copy; see `table`).
-
-Memory: the export holds each weight once. The Keras weights are released while the
-converter runs (it reads them from the SavedModel on disk) and read back, bit for bit, at the
-end, also when the export fails (see `_ExportWeights`).
+- "lean" (the default, `lean_export.py`): the graph converted with placeholders for the
+  weights, which are then streamed into the file from the model or its directory;
+- "converter": TensorFlow's converter run on a SavedModel with all the weights, the reference
+  of the lean route. The Keras weights are released while the converter runs (it reads them
+  from the SavedModel on disk) and read back, bit for bit, at the end, also when the export
+  fails (see `_ExportWeights`).
 
 This module imports TensorFlow; `gemma_keras.tflite` imports it only when exporting.
 """
@@ -40,43 +23,9 @@ from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras import defaults
 from gemma_keras.atomic_files import write_atomically
-from gemma_keras.tflite.native_log import stderr_captured
-from gemma_keras.conventions import (
-    DECODE,
-    LOGITS,
-    MASK_VISIBLE_ABOVE,
-    cache_names,
-    prefill_name,
-    score_name,
-    stored_table_scale,
-)
-
-
-def _require_tensorflow_backend():
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "TFLite export traces the Keras model with TensorFlow; set KERAS_BACKEND=tensorflow "
-            f"(the current backend is {keras.backend.backend()!r})"
-        )
-
-
-def _load_model(model):
-    """A `Gemma2CausalLM`, or a model directory (gemma-keras or Hugging Face) to load."""
-    from gemma_keras.causal_lm import Gemma2CausalLM
-
-    if isinstance(model, Gemma2CausalLM):
-        if model.compute_dtype != "float32" or model.variable_dtype != "float32":
-            raise ValueError(
-                f"the export traces a float32 model (quantization happens in the file); this "
-                f"model computes in {model.compute_dtype} with {model.variable_dtype} weights. "
-                f"Load it with dtype='float32'"
-            )
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return Gemma2CausalLM.from_pretrained(model, dtype="float32")
-    raise TypeError(f"expected a Gemma2CausalLM or a model directory, got {type(model).__name__}")
+from gemma_keras.tflite import export_graph, lean_export
+from gemma_keras.tflite.converter_weight_map import record_weight_map
+from gemma_keras.tflite.weight_map_metadata import stored_factors
 
 
 def _check_lengths(config, kv_cache_max_len, prefill_lens):
@@ -100,113 +49,6 @@ def _check_lengths(config, kv_cache_max_len, prefill_lens):
     return int(kv_cache_max_len), lens
 
 
-class _GemmaSignatures:
-    """Builds the tf.functions of one export (a tf.Module holding the Keras model)."""
-
-    def __init__(self, model, kv_cache_max_len, weights):
-        import tensorflow as tf
-
-        self.tf = tf
-        self.model = model
-        self.config = model.config
-        self.cache_len = kv_cache_max_len
-        self.module = tf.Module()
-        # Track the tf.Variables under the Keras variables: the converter freezes those into
-        # constants, whereas tracked Keras variables stay resource variables (VAR_HANDLE /
-        # READ_VARIABLE) that no signature initialises.
-        self.module.weights = weights.variables
-
-    def cache_specs(self):
-        tf = self.tf
-        c = self.config
-        k_shape, v_shape = self.model.backbone.cache_shapes(1, self.cache_len)
-        k_names, v_names = cache_names(c.num_hidden_layers)
-        return {**{n: tf.TensorSpec(k_shape, tf.float32, name=n) for n in k_names},
-                **{n: tf.TensorSpec(v_shape, tf.float32, name=n) for n in v_names}}
-
-    def specs(self, seq_len):
-        tf = self.tf
-        return {
-            "tokens": tf.TensorSpec((1, seq_len), tf.int32, name="tokens"),
-            "input_pos": tf.TensorSpec((seq_len,), tf.int32, name="input_pos"),
-            "mask": tf.TensorSpec((1, 1, seq_len, self.cache_len), tf.float32, name="mask"),
-            **self.cache_specs(),
-        }
-
-    def step(self, inputs, with_logits, all_logits=False):
-        """Run `tokens` through the model against the cache; return the named outputs
-        (`logits` of the last token with `with_logits`, of every token with `all_logits`)."""
-        tf = self.tf
-        c = self.config
-        backbone = self.model.backbone
-        k_names, v_names = cache_names(c.num_hidden_layers)
-        cache = [(inputs[k], inputs[v]) for k, v in zip(k_names, v_names)]
-
-        positions = inputs["input_pos"][None, :]  # [1, T]
-        visible = inputs["mask"][:, 0] > MASK_VISIBLE_ABOVE  # [1, T, S]
-        distance = positions[:, :, None] - tf.range(self.cache_len, dtype=tf.int32)[None, None]
-        sliding = tf.logical_and(visible, distance < c.sliding_window)
-
-        hidden, new_cache = backbone.run_blocks(
-            self.embed(inputs["tokens"]), positions, (visible, sliding),
-            cache=cache, cache_index=inputs["input_pos"][0],
-        )
-        outputs = {}
-        for (k, v), k_name, v_name in zip(new_cache, k_names, v_names):
-            outputs[k_name] = tf.identity(k, name=k_name)
-            outputs[v_name] = tf.identity(v, name=v_name)
-        if with_logits:
-            outputs[LOGITS] = self.head(hidden[:, -1, :])[:, None, :]
-        elif all_logits:
-            outputs[LOGITS] = self.head(hidden[0])[None]  # [1, T, vocab]
-        return outputs
-
-    def table(self):
-        """The one stored embedding table, `E * conventions.stored_table_scale(config)`."""
-        tf = self.tf
-        embedding = tf.convert_to_tensor(self.model.backbone.embed_tokens.embeddings)
-        return embedding * tf.constant(stored_table_scale(self.config), embedding.dtype)
-
-    @property
-    def _cap(self):
-        return self.config.final_logit_softcapping or 1.0
-
-    def embed(self, tokens):
-        """`backbone.embed(tokens)`, read from `table()`: [1, T] -> [1, T, hidden]."""
-        tf = self.tf
-        table = self.table()
-        scale = self.config.hidden_size**0.5 * self._cap
-        # A 1-D lookup, so that `quantize.gathers_to_embedding_lookups` can turn the GATHER
-        # into EMBEDDING_LOOKUP, the op ai-edge-quantizer quantizes.
-        rows = tf.gather(table, tf.reshape(tokens, [-1]))
-        return tf.reshape(rows, [1, -1, table.shape[-1]]) * tf.constant(scale, table.dtype)
-
-    def head(self, hidden):
-        """Tied output head and final soft-cap: [1, hidden] -> float32 [1, vocab]."""
-        tf = self.tf
-        table = self.table()
-        logits = tf.cast(tf.matmul(tf.cast(hidden, table.dtype), table, transpose_b=True),
-                         tf.float32)
-        if self.config.final_logit_softcapping is not None:
-            logits = tf.tanh(logits) * self._cap
-        return logits
-
-    def concrete_functions(self, prefill_lens, score_lens=()):
-        """`{signature_name: concrete function}` for every prefill length, decode and every
-        score length."""
-        tf = self.tf
-        functions = {}
-        for seq_len in prefill_lens:
-            fn = tf.function(lambda inputs: self.step(inputs, with_logits=False))
-            functions[prefill_name(seq_len)] = fn.get_concrete_function(self.specs(seq_len))
-        for seq_len in score_lens:
-            fn = tf.function(lambda inputs: self.step(inputs, False, all_logits=True))
-            functions[score_name(seq_len)] = fn.get_concrete_function(self.specs(seq_len))
-        fn = tf.function(lambda inputs: self.step(inputs, with_logits=True))
-        functions[DECODE] = fn.get_concrete_function(self.specs(1))
-        return functions
-
-
 class _ExportWeights:
     """Holds each weight once during an export, and gives the Keras model its weights back.
 
@@ -224,7 +66,7 @@ class _ExportWeights:
         self.tf = tf
         self.checkpoint = str(checkpoint)
         self.restore_model = restore
-        refuse_lora(model)
+        export_graph.refuse_lora(model)
         self.variables = [v.value for v in model.variables]
         self.released = False
 
@@ -258,14 +100,6 @@ class _ExportWeights:
         self.released = False
 
 
-def refuse_lora(model):
-    """Raise ValueError if a layer of `model` carries LoRA adapters (merge them first)."""
-    for layer in model._flatten_layers(include_self=False):
-        if getattr(layer, "lora_enabled", False):
-            raise ValueError(f"layer {layer.path!r} has LoRA adapters; merge them into the "
-                             f"weights first (model.merge_lora()), then export")
-
-
 def _return_freed_memory():
     """Hand freed heap memory back to the OS before the converter runs: glibc keeps freed
     blocks under its mmap threshold (up to 32 MB, e.g. the 2B's attention kernels) in its
@@ -278,39 +112,6 @@ def _return_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _convert(saved_model_dir, signature_keys, quantize, placeholders=False):
-    """TensorFlow's converter on the SavedModel: builtin ops only, one copy of each weight.
-
-    `placeholders`: the weights are splat constants (`template.py`); each stays a FILL op
-    instead of a stored tensor, and float constants are not scanned for infinities (the scan
-    visits every element of a splat: minutes at 2B; the graph holds no infinite constant)."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(saved_model_dir), signature_keys=signature_keys
-    )
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    # The caches are inputs and outputs: the file needs no resource variables.
-    converter.experimental_enable_resource_variables = False
-    # Keep each norm scale a separate MUL: folding it into the following matmul writes a new
-    # copy of that weight (for the output head: a second copy of the tied embedding).
-    converter._experimental_disable_fuse_mul_and_fc = True
-    converter._experimental_use_buffer_offset = True  # files over 2 GB
-    if placeholders:
-        converter._experimental_unfold_large_splat_constant = True
-        converter.canonicalizing_inf_as_min_max_float = False
-    if quantize == "fp16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantize == "dynamic_int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        # Per-tensor scales for FULLY_CONNECTED too, so that the tied embedding gets one
-        # int8 copy shared by GATHER and the output head.
-        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
-    with stderr_captured():  # the converter logs its passes; errors come as exceptions
-        return converter.convert()
 
 
 def export_tflite(model, out, quantize="none", kv_cache_max_len=None,
@@ -359,16 +160,14 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
         quantize_lib.check_quantization(quantize)
     if route not in ("lean", "converter"):
         raise ValueError(f"route must be 'lean' or 'converter', got {route!r}")
-    _require_tensorflow_backend()
+    export_graph.require_tensorflow_backend()
     import tensorflow as tf
 
     restore = not isinstance(model, (str, os.PathLike))  # nobody else holds a model we load
     if route == "lean":
-        from gemma_keras.tflite import lean_export
-
         model, source = lean_export.model_and_source(model)
     else:
-        model = _load_model(model)
+        model = export_graph.load_float32_model(model)
     kv_cache_max_len, prefill_lens = _check_lengths(model.config, kv_cache_max_len, prefill_lens)
     score_lens = sorted({int(t) for t in score_lens or ()})
     if score_lens and not 1 <= score_lens[0] <= score_lens[-1] <= kv_cache_max_len:
@@ -397,7 +196,7 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
         saved_model_dir = Path(work) / "saved_model"
         checkpoint = saved_model_dir / "variables" / "variables"
         with _ExportWeights(model, checkpoint, restore=restore) as weights:
-            signatures = _GemmaSignatures(model, kv_cache_max_len, weights)
+            signatures = export_graph.GemmaSignatures(model, kv_cache_max_len, weights)
             functions = signatures.concrete_functions(prefill_lens, score_lens)
             steps.update("traced signatures")
             tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
@@ -407,11 +206,13 @@ def export_tflite_variants(model, outputs, kv_cache_max_len=None,
             weights.release()
             converted = {}
             for mode in sorted(conversions):
-                converted[mode] = _convert(saved_model_dir, list(functions), mode)
+                converted[mode] = export_graph.convert(saved_model_dir, list(functions), mode)
                 steps.update(f"converted ({mode})")
                 if mode == "dynamic_int8":  # written (and freed) now: the int4 modes read it
                     int8_path = outputs.get(mode, Path(work) / "dynamic_int8.tflite")
                     write_atomically(int8_path, converted.pop(mode))
+                    record_weight_map(int8_path, requantize_lib.checkpoint_weights(
+                        checkpoint, model), stored_factors(model.config))
             lookups = None
             if "weight_only_int8" in outputs:
                 lookups = quantize_lib.gathers_to_embedding_lookups(converted["none"])

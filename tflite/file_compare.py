@@ -13,9 +13,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
+
+from gemma_keras.tflite.flatbuffer import OP_NAMES, TFLiteFile, builtin
 
 
 def graph_differences(path_a, path_b, limit=20):
@@ -42,11 +43,12 @@ def graph_differences(path_a, path_b, limit=20):
 
 def _describe(path):
     """`{signature: {operator hash: description}}`, tensors described by content."""
-    from ai_edge_litert import schema_py_generated as schema
+    with TFLiteFile(path) as file:
+        model = file.unpack()
+        return _describe_model(file, model)
 
-    data = memoryview(Path(path).read_bytes())
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+def _describe_model(file, model):
     signatures = {s.subgraphIndex: s for s in model.signatureDefs or []}
     out = {}
     for s, subgraph in enumerate(model.subgraphs):
@@ -59,12 +61,8 @@ def _describe(path):
             if t < 0:
                 return None
             stored = subgraph.tensors[t]
-            buffer = model.buffers[stored.buffer]
-            raw = None
-            if buffer.data is not None and len(buffer.data):
-                raw = np.asarray(buffer.data, np.uint8).tobytes()
-            elif buffer.size:
-                raw = bytes(data[buffer.offset:buffer.offset + buffer.size])
+            size = file.span(stored.buffer)[1] if stored.buffer > 0 else 0
+            raw = file.buffer_bytes(stored.buffer) if size else None
             content = hashlib.sha256(raw).hexdigest()[:16] if raw is not None else \
                 made.get(t, "unset")
             quantization = _quantization(stored)
@@ -75,9 +73,8 @@ def _describe(path):
 
         ops = {}
         for op in subgraph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-            description = (names.get(builtin, builtin), code.version,
+            code = builtin(model, op)
+            description = (OP_NAMES.get(code, code), model.operatorCodes[op.opcodeIndex].version,
                            repr(_fields(op.builtinOptions)),
                            tuple(tensor(int(t)) for t in op.inputs))
             key = hashlib.sha256(repr(description).encode()).hexdigest()[:16]

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from gemma_keras.atomic_files import write_atomically
+from gemma_keras.tflite import export_graph
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras.tflite import template as template_lib
@@ -32,10 +33,8 @@ def model_and_source(model):
     from gemma_keras.tflite import weight_sources
 
     if isinstance(model, Gemma2CausalLM):
-        from gemma_keras.tflite.export import _load_model, refuse_lora
-
-        _load_model(model)  # refuses a model that does not compute in float32
-        refuse_lora(model)
+        export_graph.load_float32_model(model)  # refuses one that is not float32
+        export_graph.refuse_lora(model)
         return model, weight_sources.KerasModelSource(model, weight_specs(model.backbone))
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"expected a Gemma2CausalLM or a model directory, got "
@@ -80,12 +79,10 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
                 weight_writer.write_weights(template, placeholders, source, encoding,
                                             files[encoding])
                 steps.update(f"wrote {files[encoding].name}")
-        if int8_modes:
-            floats = graph_weights(source, placeholders)
-            for quantize in int8_modes:
-                requantize_lib.requantize_tflite(files["dynamic_int8"], floats, quantize,
-                                                 outputs[quantize])
-                steps.update(f"wrote {outputs[quantize].name}")
+        for quantize in int8_modes:
+            requantize_lib.requantize_tflite(files["dynamic_int8"], source, quantize,
+                                             outputs[quantize])
+            steps.update(f"wrote {outputs[quantize].name}")
         if "weight_only_int8" in outputs:
             lookups = quantize_lib.gathers_to_embedding_lookups(files["none"].read_bytes())
             write_atomically(outputs["weight_only_int8"],
@@ -93,17 +90,3 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
             steps.update(f"wrote {outputs['weight_only_int8'].name}")
     return outputs
 
-
-def graph_weights(source, placeholders):
-    """`{hf_name: requantize.RowBlocks}` of the values the graph stores for each weight matrix
-    (the checkpoint's, times the placeholder's factor), read a block of rows at a time:
-    `requantize`'s input, which finds them by the int8 file's weight map."""
-    import numpy as np
-
-    def reader(p):
-        def rows(start, stop):
-            values = source.rows(p.name, start, stop)
-            return values * np.float32(p.factor) if p.factor != 1.0 else values
-        return requantize_lib.RowBlocks(p.shape, rows)
-
-    return {name: reader(p) for name, p in placeholders.items()}

@@ -25,29 +25,30 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import mmap
-import os
 import tempfile
 from pathlib import Path
 
+from gemma_keras.atomic_files import atomic_file
 from gemma_keras.conventions import (
     BOS_ID,
     DECODE,
-    END_OF_TURN_ID,
-    EOS_ID,
+    END_OF_TURN,
     INPUT_POS,
     LOGITS,
     MASK,
     TOKENS,
+    STOP_IDS,
+    cache_names,
     prefill_lengths,
+    prefill_name,
+    turn_start,
 )
+from gemma_keras.tflite.flatbuffer import TFLiteFile
 
 # Gemma's chat turns, as LiteRT-LM's prompt templates (used when a session or conversation
 # applies the template) and as the Jinja template of its Conversation API.
-GEMMA_PROMPT_TEMPLATES = {
-    "user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
-    "model": ("<start_of_turn>model\n", "<end_of_turn>\n"),
-}
+GEMMA_PROMPT_TEMPLATES = {role: (turn_start(role), f"{END_OF_TURN}\n")
+                          for role in ("user", "model")}
 GEMMA_JINJA_TEMPLATE = (
     # The engine passes content as a string or as a list of {"type": "text", "text": ...}.
     "{%- macro text(content) -%}"
@@ -96,33 +97,15 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     Only the flatbuffer's tables are read (memory-mapped), never the weight buffers, so this
     is instant on a multi-GB file. Raises `LiteRTLMBundleError` naming what is missing.
     """
-    from ai_edge_litert import schema_py_generated as schema
-
     path = Path(tflite_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .tflite file")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[4:8] != b"TFL3":
-            raise LiteRTLMBundleError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
-        model = schema.Model.GetRootAsModel(buf, 0)
-        signatures = {}
-        for s in range(model.SignatureDefsLength()):
-            sig = model.SignatureDefs(s)
-            graph = model.Subgraphs(sig.SubgraphIndex())
-
-            def shapes(n, get):
-                out = {}
-                for i in range(n):
-                    tmap = get(i)
-                    tensor = graph.Tensors(tmap.TensorIndex())
-                    out[tmap.Name().decode()] = tuple(int(d) for d in tensor.ShapeAsNumpy())
-                return out
-
-            signatures[sig.SignatureKey().decode()] = (
-                shapes(sig.InputsLength(), sig.Inputs),
-                shapes(sig.OutputsLength(), sig.Outputs),
-            )
-        del model, graph, sig  # release the views into the mmap before it closes
+    try:
+        with TFLiteFile(path) as file:
+            signatures = file.signatures()
+    except ValueError:
+        raise LiteRTLMBundleError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)") \
+            from None
 
     def fail(what):
         raise LiteRTLMBundleError(
@@ -141,12 +124,13 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     for name in (TOKENS, INPUT_POS, MASK):
         if name not in dec_in:
             fail(f"decode has no input {name!r}")
-    k_names = sorted((n for n in dec_in if n.startswith("kv_cache_k_")),
-                     key=lambda n: int(n.rsplit("_", 1)[1]))
+    num_layers = 0
+    while cache_names(num_layers + 1)[0][-1] in dec_in:
+        num_layers += 1
+    k_names, v_names = cache_names(num_layers)
     if not k_names:
         fail("decode has no kv_cache_k_<i> inputs")
-    for k in k_names:
-        v = k.replace("_k_", "_v_")
+    for k, v in zip(k_names, v_names):
         if v not in dec_in or k not in dec_out or v not in dec_out:
             fail(f"{k}/{v} must be both inputs and outputs of decode")
     if LOGITS not in dec_out:
@@ -164,10 +148,10 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
     if len(mask_shape) != 4 or mask_shape[-1] != cache_len:
         fail(f"decode's {MASK} has shape {list(mask_shape)}; expected [1, 1, 1, {cache_len}]")
     for t in lens:
-        p_in, _ = signatures[f"prefill_{t}"]
+        p_in, _ = signatures[prefill_name(t)]
         for name in (TOKENS, INPUT_POS, MASK, *k_names):
             if name not in p_in:
-                fail(f"prefill_{t} has no input {name!r}")
+                fail(f"{prefill_name(t)} has no input {name!r}")
     return TFLiteLLMInfo(str(path), tuple(lens), int(cache_len), len(k_names),
                          int(logits_shape[2]), tuple(logits_shape))
 
@@ -194,7 +178,7 @@ def _check_tokenizer(tokenizer_path, vocab_size, start_token_id, stop_token_ids)
 
 
 # ------------------------------------------------------------------ metadata
-def llm_metadata(max_num_tokens, start_token_id=BOS_ID, stop_token_ids=(EOS_ID, END_OF_TURN_ID),
+def llm_metadata(max_num_tokens, start_token_id=BOS_ID, stop_token_ids=STOP_IDS,
                  chat_template=True):
     """The `LlmMetadata` protobuf of a Gemma 2 bundle (model type `generic_model`).
 
@@ -220,7 +204,7 @@ def llm_metadata(max_num_tokens, start_token_id=BOS_ID, stop_token_ids=(EOS_ID, 
 
 # ------------------------------------------------------------------ writing
 def write_litertlm(tflite_path, tokenizer_path, out_path, max_num_tokens=None, *,
-                   start_token_id=BOS_ID, stop_token_ids=(EOS_ID, END_OF_TURN_ID),
+                   start_token_id=BOS_ID, stop_token_ids=STOP_IDS,
                    chat_template=True, system_metadata=None):
     """Write `out_path` (.litertlm): the `.tflite`, the tokenizer and Gemma's `LlmMetadata`.
 
@@ -265,24 +249,13 @@ def write_litertlm(tflite_path, tokenizer_path, out_path, max_num_tokens=None, *
     builder.add_tflite_model(str(tflite_path), builder_lib.TfLiteModelType.PREFILL_DECODE)
     builder.add_sentencepiece_tokenizer(str(tokenizer_path))
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    meta_fd, meta_path = tempfile.mkstemp(prefix=".llm_metadata.", suffix=".pb", dir=out.parent)
-    try:
-        with os.fdopen(meta_fd, "wb") as f:
-            f.write(meta.SerializeToString())
-        builder.add_llm_metadata(meta_path)
-        with os.fdopen(fd, "wb") as f:
+    with atomic_file(out) as tmp, tempfile.TemporaryDirectory(
+            prefix=".llm_metadata.", dir=out.parent) as work:
+        meta_path = Path(work) / "llm_metadata.pb"
+        meta_path.write_bytes(meta.SerializeToString())
+        builder.add_llm_metadata(str(meta_path))
+        with open(tmp, "wb") as f:
             builder.build(f)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; apps may run as other users
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        os.unlink(meta_path)
     return out
 
 

@@ -8,8 +8,6 @@ weights from the float32 originals in ai-edge-quantizer's encoding, one tensor a
 
 from __future__ import annotations
 
-import struct
-
 QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "int8_channel", "weight_only_int8",
                  "int4_block32", "int4_block128", "int4_channel")
 
@@ -74,74 +72,13 @@ def gathers_to_embedding_lookups(flatbuffer: bytes) -> bytes:
     Both return `table[ids]`; ai-edge-quantizer quantizes the table of an EMBEDDING_LOOKUP
     (with the same rows and blocks as a FULLY_CONNECTED weight, so the tied embedding stays
     one tensor) but leaves a GATHER's table in float32, next to a quantized copy for the head.
-
-    The flatbuffer is patched in place (the GATHER operator code becomes EMBEDDING_LOOKUP,
-    each op's two inputs swap, its options type becomes NONE), so nothing is re-packed: files
-    with offset buffers (over 2 GB) stay valid. Returned unchanged unless every op using the
-    GATHER code is such a lookup.
+    The file is patched in place, nothing re-packed
+    (`flatbuffer.gathers_to_lookups_in_place`), so files with offset buffers (over 2 GB) stay
+    valid. Returned unchanged unless every op using the GATHER code is such a lookup.
     """
-    from ai_edge_litert import schema_py_generated as schema
+    from gemma_keras.tflite.flatbuffer import gathers_to_lookups_in_place
 
-    data = bytearray(flatbuffer)
-    model = schema.Model.GetRootAsModel(data, 0)
-    gather = schema.BuiltinOperator.GATHER
-    codes = [model.OperatorCodes(i) for i in range(model.OperatorCodesLength())]
-    gather_codes = [i for i, c in enumerate(codes)
-                    if max(c.BuiltinCode(), c.DeprecatedBuiltinCode()) == gather]
-    ops = []
-    for s_index in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s_index)
-        for o_index in range(subgraph.OperatorsLength()):
-            op = subgraph.Operators(o_index)
-            if op.OpcodeIndex() in gather_codes:
-                if not _is_table_lookup(model, subgraph, op):
-                    return flatbuffer
-                ops.append(op)
-    if not ops:
-        return flatbuffer
-
-    def field(table, vtable_offset):
-        offset = table._tab.Offset(vtable_offset)
-        if not offset:  # a default value the builder left out: cannot patch in place
-            raise _CannotPatch
-        return table._tab.Pos + offset
-
-    lookup = schema.BuiltinOperator.EMBEDDING_LOOKUP
-    try:
-        positions = []
-        for i in gather_codes:
-            positions.append(("<b", field(codes[i], 4), lookup))   # deprecated_builtin_code
-            positions.append(("<i", field(codes[i], 10), lookup))  # builtin_code
-        for op in ops:
-            field(op, 6)
-            first = op._tab.Vector(op._tab.Offset(6))               # inputs[0]
-            table, ids = op.Inputs(0), op.Inputs(1)
-            positions += [("<i", first, ids), ("<i", first + 4, table)]
-            positions.append(("<B", field(op, 10), schema.BuiltinOptions.NONE))
-    except _CannotPatch:
-        return flatbuffer
-    for fmt, position, value in positions:
-        struct.pack_into(fmt, data, position, value)
-    return bytes(data)
-
-
-class _CannotPatch(Exception):
-    pass
-
-
-def _is_table_lookup(model, subgraph, op):
-    """True for GATHER(table, ids) with a stored 2-D table, 1-D ids, axis 0, no batch dims."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    if op.InputsLength() != 2 or op.BuiltinOptionsType() != schema.BuiltinOptions.GatherOptions:
-        return False
-    table, ids = subgraph.Tensors(op.Inputs(0)), subgraph.Tensors(op.Inputs(1))
-    buffer = model.Buffers(table.Buffer())
-    stored = buffer.DataLength() > 0 or buffer.Size() > 0
-    options = schema.GatherOptions()
-    options.Init(op.BuiltinOptions().Bytes, op.BuiltinOptions().Pos)
-    return (stored and table.ShapeLength() == 2 and ids.ShapeLength() == 1
-            and options.Axis() == 0 and options.BatchDims() == 0)
+    return gathers_to_lookups_in_place(flatbuffer)
 
 
 def check_block_sizes(config, quantize):

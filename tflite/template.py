@@ -12,7 +12,7 @@ back into a stored tensor and streams the real values into it from the checkpoin
 The norm scales (vectors, 105 of 2304 floats at 2B) are traced with their real values: the
 converter folds `1 + scale` into them exactly as in a conversion with all the weights.
 The tied embedding's placeholder stands for the stored table, `E / final_logit_softcapping`
-(`export._GemmaSignatures.table`): the writer applies that factor to the checkpoint's rows.
+(`export_graph.GemmaSignatures.table`): the writer applies that factor to the checkpoint's rows.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_keras.conventions import stored_table_scale
-
-EMBEDDING = "model.embed_tokens.weight"
+from gemma_keras.tflite import export_graph
+from gemma_keras.tflite.weight_map_metadata import EMBEDDING, stored_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,58 +43,53 @@ def placeholder_values(specs, config):
 
     Values 1 + (i + 1) / 1024 are exact and distinct in float32 and in float16 (the fp16
     template's), and none is 1."""
-    table_scale = float(np.float32(stored_table_scale(config)))
+    factors = stored_factors(config)
     matrices = [s for s in specs if len(s.hf_shape) == 2]
     if len(matrices) >= 1023:
         raise ValueError(f"{len(matrices)} weight matrices: the placeholders run out at 1022")
     out = {}
     for i, spec in enumerate(matrices):
-        factor = table_scale if spec.hf_name == EMBEDDING else 1.0
+        factor = factors.get(spec.hf_name, 1.0)
         out[spec.hf_name] = Placeholder(spec.hf_name, tuple(spec.hf_shape),
                                         float(np.float32(1.0 + (i + 1) / 1024)), factor)
     return out
 
 
-def _signatures_class():
-    from gemma_keras.tflite.export import _GemmaSignatures
+class PlaceholderSignatures(export_graph.GemmaSignatures):
+    """The export's signatures, traced with placeholders for the weight matrices and the
+    real norm scales, under a Keras StatelessScope (no variable is read)."""
 
-    class PlaceholderSignatures(_GemmaSignatures):
-        """The export's signatures, traced with placeholders for the weight matrices and the
-        real norm scales, under a Keras StatelessScope (no variable is read)."""
+    def __init__(self, model, kv_cache_max_len, specs, placeholders, vectors):
+        import tensorflow as tf
 
-        def __init__(self, model, kv_cache_max_len, specs, placeholders, vectors):
-            import tensorflow as tf
+        self.tf = tf
+        self.model = model
+        self.config = model.config
+        self.cache_len = kv_cache_max_len
+        self.module = tf.Module()
+        self.weight_specs, self.placeholders, self.vectors = specs, placeholders, vectors
 
-            self.tf = tf
-            self.model = model
-            self.config = model.config
-            self.cache_len = kv_cache_max_len
-            self.module = tf.Module()
-            self.weight_specs, self.placeholders, self.vectors = specs, placeholders, vectors
+    def _fill(self, name):
+        p = self.placeholders[name]
+        return self.tf.fill(p.shape, self.tf.constant(p.value, self.tf.float32))
 
-        def _fill(self, name):
-            p = self.placeholders[name]
-            return self.tf.fill(p.shape, self.tf.constant(p.value, self.tf.float32))
+    def step(self, inputs, *args, **kwargs):
+        import keras
 
-        def step(self, inputs, *args, **kwargs):
-            import keras
+        mapping = []
+        for spec in self.weight_specs:
+            if spec.hf_name in self.placeholders:
+                value = self._fill(spec.hf_name)
+            else:
+                value = self.tf.constant(self.vectors[spec.hf_name], self.tf.float32)
+            mapping.append((spec.variable, value))
+        with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
+            return super().step(inputs, *args, **kwargs)
 
-            mapping = []
-            for spec in self.weight_specs:
-                if spec.hf_name in self.placeholders:
-                    value = self._fill(spec.hf_name)
-                else:
-                    value = self.tf.constant(self.vectors[spec.hf_name], self.tf.float32)
-                mapping.append((spec.variable, value))
-            with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
-                return super().step(inputs, *args, **kwargs)
-
-        def table(self):
-            """The stored table's own placeholder (no multiply left for the converter)."""
-            p = self.placeholders[EMBEDDING]
-            return self.tf.fill(p.shape, self.tf.constant(p.value * p.factor, self.tf.float32))
-
-    return PlaceholderSignatures
+    def table(self):
+        """The stored table's own placeholder (no multiply left for the converter)."""
+        p = self.placeholders[EMBEDDING]
+        return self.tf.fill(p.shape, self.tf.constant(p.value * p.factor, self.tf.float32))
 
 
 def table_value(placeholder):
@@ -126,16 +120,16 @@ def convert_template(model, source, kv_cache_max_len, prefill_lens, quantize="no
     import tensorflow as tf
 
     from gemma_keras.converters.weight_map import weight_specs
-    from gemma_keras.tflite.export import _convert
 
     specs = weight_specs(model.backbone)
     placeholders = placeholder_values(specs, model.config)
     vectors = {s.hf_name: source.read(s.hf_name) for s in specs
                if s.hf_name not in placeholders}
-    signatures = _signatures_class()(model, kv_cache_max_len, specs, placeholders, vectors)
+    signatures = PlaceholderSignatures(model, kv_cache_max_len, specs, placeholders, vectors)
     functions = signatures.concrete_functions(prefill_lens, score_lens)
     with tempfile.TemporaryDirectory(prefix=".gemma_tflite_template_", dir=work_dir) as work:
         saved_model_dir = Path(work) / "saved_model"
         tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
-        flatbuffer = _convert(saved_model_dir, list(functions), quantize, placeholders=True)
+        flatbuffer = export_graph.convert(saved_model_dir, list(functions), quantize,
+                                          placeholders=True)
     return flatbuffer, placeholders

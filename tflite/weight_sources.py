@@ -7,7 +7,9 @@ tensor name (`converters.weight_map`):
 - `KerasModelSource`: a `Gemma2CausalLM` in memory (its variables);
 - `SafetensorsSource`: a Hugging Face directory, through the converters' lazy reader;
 - `KerasDirSource`: a gemma-keras model directory, its `.weights.h5` datasets read in rows
-  with h5py (where Keras' own saving put each variable).
+  with h5py (where Keras' own saving put each variable);
+- `ArraySource`: `{hf_name: array or zero-argument callable}` (requantize's `weights`, the
+  exporter's SavedModel checkpoint), one tensor loaded at a time.
 
 Every source returns float32 rows; bfloat16 and float16 checkpoints are widened a block at a
 time, so no source holds more than one block of one tensor.
@@ -30,7 +32,13 @@ class WeightSource:
 
     def read(self, name):
         """The whole tensor `name` as float32."""
-        return self.rows(name, 0, self.shapes[name][0])
+        return self.rows(name, 0, self.shape(name)[0])
+
+    def names(self):
+        return set(self.shapes)
+
+    def shape(self, name):
+        return tuple(self.shapes[name])
 
     def check(self, specs):
         """Raise ValueError naming every tensor of `specs` missing here or misshapen."""
@@ -131,6 +139,44 @@ class KerasDirSource(WeightSource):
 
     def __str__(self):
         return str(self.directory)
+
+
+class ArraySource(WeightSource):
+    """`{hf_name: float array, or a zero-argument callable returning one}`: a callable is
+    called when its tensor is first read, and the array kept until another one is read (one
+    tensor in memory at a time)."""
+
+    def __init__(self, arrays, where="weights"):
+        self.arrays, self.where = dict(arrays), where
+        self.shapes = {n: tuple(np.shape(a)) for n, a in self.arrays.items() if not callable(a)}
+        self._loaded = (None, None)
+
+    def names(self):
+        return set(self.arrays)
+
+    def shape(self, name):
+        return tuple(self.shapes[name]) if name in self.shapes else self._load(name).shape
+
+    def _load(self, name):
+        if self._loaded[0] != name:
+            self._loaded = (None, None)
+            value = self.arrays[name]
+            try:
+                array = np.asarray(value() if callable(value) else value)
+            except Exception as e:
+                raise ValueError(f"{self.where}[{name!r}] could not be loaded: {e}") from e
+            if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+                raise ValueError(f"{self.where}[{name!r}] holds {array.dtype} values; expected "
+                                 f"floats")
+            self._loaded = (name, np.asarray(array, np.float32))
+            self.shapes[name] = self._loaded[1].shape
+        return self._loaded[1]
+
+    def rows(self, name, start, stop):
+        return self._load(name)[start:stop]
+
+    def __str__(self):
+        return f"`{self.where}`"
 
 
 def _keras_weight_paths(model):

@@ -14,7 +14,7 @@ values in one of the converter's own encodings:
 
 The other quantizations start from the "dynamic_int8" file (`requantize.py`). Which checkpoint
 tensor each stored weight holds is recorded in the file's metadata `gemma_keras_weights`
-(`read_weight_map`), so later passes find weights by name, not by value.
+(`weight_map_metadata.read_weight_map`), so later passes find weights by name, not by value.
 
 Memory: one block of rows of one weight at a time (16 MB of float32), plus the template;
 the output keeps its buffers after the flatbuffer (16-byte aligned offsets), like the
@@ -24,14 +24,16 @@ converter's large-model files, and is written under a temporary name and renamed
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from gemma_keras.conventions import WEIGHT_MAP_METADATA
-from gemma_keras.tflite.requantize import _TFLiteFile, _copy, _opcode_name, write_with_offsets
+from gemma_keras.tflite import flatbuffer
+from gemma_keras.tflite.flatbuffer import TFLiteFile, is_stored, schema, write_with_offsets
+from gemma_keras.tflite.template import table_value
+from gemma_keras.tflite.weight_encoding import int8_step, quantize_int8_per_tensor
+from gemma_keras.tflite.weight_map_metadata import encode_weight_map
 
 
 ENCODINGS = ("none", "fp16", "dynamic_int8")
@@ -65,7 +67,7 @@ def write_weights(template_path, placeholders, source, encoding, out_path, progr
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
     out_path = Path(out_path)
-    with _TFLiteFile(template_path) as template:
+    with TFLiteFile(template_path) as template:
         model = template.unpack()
         weights, splats = _find_placeholders(template, model, placeholders)
         _store_weights(model, weights)
@@ -80,29 +82,13 @@ def write_weights(template_path, placeholders, source, encoding, out_path, progr
     return out_path
 
 
-def read_weight_map(path):
-    """`{buffer index: {"tensor": hf_name, "factor": f}}` recorded in a file's metadata, or
-    None for a file written without it."""
-    with _TFLiteFile(path) as f:
-        for i in range(f.root.MetadataLength()):
-            entry = f.root.Metadata(i)
-            if entry.Name() == WEIGHT_MAP_METADATA.encode():
-                position, size = f.span(entry.Buffer())
-                record = json.loads(os.pread(f.fileno(), size, position))
-                return {int(k): v for k, v in record["buffers"].items()}
-    return None
-
-
 # ------------------------------------------------------------------ finding placeholders
 def _find_placeholders(template, model, placeholders):
     """`({hf_name: StoredWeight}, {buffer: (value, dtype)})`: the weights the template's
     FILL ops (or splat buffers) stand for, and the other constant FILLs, which become stored
     splats as the converter would have stored them."""
-    schema = template.schema
     by_value = {}
     for p in placeholders.values():
-        from gemma_keras.tflite.template import table_value
-
         for dtype in (np.float32, np.float16):
             by_value[(np.dtype(dtype).str, dtype(table_value(p)).tobytes())] = p
     weights, splats = {}, {}
@@ -110,10 +96,10 @@ def _find_placeholders(template, model, placeholders):
     types = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16}
     for s, subgraph in enumerate(model.subgraphs):
         for op in list(subgraph.operators):
-            if _builtin(model, op) != fill:
+            if flatbuffer.builtin(model, op) != fill:
                 continue
             shape_t, value_t = (subgraph.tensors[i] for i in op.inputs)
-            if not (_stored(model, shape_t) and _stored(model, value_t)):
+            if not (is_stored(model, shape_t) and is_stored(model, value_t)):
                 continue  # a FILL of a computed shape or value: part of the graph
             out = int(op.outputs[0])
             dtype = types.get(value_t.type)
@@ -129,7 +115,7 @@ def _find_placeholders(template, model, placeholders):
             _add_use(weights, p, subgraph.tensors[out], (s, out))
         for t, tensor in enumerate(subgraph.tensors):  # small weights stay stored splats
             dtype = types.get(tensor.type)
-            if dtype is None or not _stored(model, tensor) or len(tensor.shape) != 2:
+            if dtype is None or not is_stored(model, tensor) or len(tensor.shape) != 2:
                 continue
             position, nbytes = template.span(tensor.buffer)
             first = template.read(position, 1, dtype)
@@ -160,16 +146,6 @@ def _read_value(template, tensor, dtype):
     return template.read(position, 1, dtype) if nbytes == np.dtype(dtype).itemsize else None
 
 
-def _builtin(model, op):
-    code = model.operatorCodes[op.opcodeIndex]
-    return max(code.builtinCode, code.deprecatedBuiltinCode)
-
-
-def _stored(model, tensor):
-    buffer = model.buffers[tensor.buffer]
-    return tensor.buffer > 0 and (buffer.size > 0 or buffer.data is not None)
-
-
 # ------------------------------------------------------------------ rewriting the graph
 def _store_weights(model, weights):
     """Every use of a weight reads one buffer through one tensor per subgraph (the template
@@ -196,14 +172,12 @@ def _int8_scale(source, weight):
     for values in _blocks(source, weight):
         peak = max(peak, np.float32(np.abs(values).max()))
     weight.peak = float(peak)
-    return float(np.float32(2 * np.float64(peak) / 254))
+    return int8_step(peak)
 
 
 def _quantize_int8(model, weights):
     """Retype the weights to int8 and rewrite their readers as the converter's
     "dynamic_int8" conversion writes them."""
-    from ai_edge_litert import schema_py_generated as schema
-
     buffers = {w.buffer: w for w in weights.values()}
     for weight in weights.values():
         for s, t in weight.uses:
@@ -213,12 +187,13 @@ def _quantize_int8(model, weights):
     wanted = {}
     for subgraph in model.subgraphs:
         for op in list(subgraph.operators):
-            kind = _opcode_name(model, op)
+            code = flatbuffer.builtin(model, op)
             inputs = [int(i) for i in op.inputs]
-            if kind == "FULLY_CONNECTED" and subgraph.tensors[inputs[1]].buffer in buffers:
+            ops = schema.BuiltinOperator
+            if code == ops.FULLY_CONNECTED and subgraph.tensors[inputs[1]].buffer in buffers:
                 op.builtinOptions.asymmetricQuantizeInputs = True
                 wanted[id(op)] = "FULLY_CONNECTED"
-            elif kind == "GATHER" and subgraph.tensors[inputs[0]].buffer in buffers:
+            elif code == ops.GATHER and subgraph.tensors[inputs[0]].buffer in buffers:
                 table = subgraph.tensors[inputs[0]]
                 _dequantize_output(model, subgraph, op, table)
                 wanted[id(op)] = "GATHER"
@@ -226,8 +201,6 @@ def _quantize_int8(model, weights):
 
 
 def _per_tensor(scale):
-    from ai_edge_litert import schema_py_generated as schema
-
     q = schema.QuantizationParametersT()
     q.scale, q.zeroPoint, q.quantizedDimension = [scale], [0], 0
     return q
@@ -236,8 +209,6 @@ def _per_tensor(scale):
 def _dequantize_output(model, subgraph, op, table):
     """GATHER of an int8 table outputs int8 rows; a DEQUANTIZE after it gives the float32
     tensor the graph reads."""
-    from ai_edge_litert import schema_py_generated as schema
-
     out = int(op.outputs[0])
     rows = schema.TensorT()
     float_rows = subgraph.tensors[out]
@@ -248,28 +219,13 @@ def _dequantize_output(model, subgraph, op, table):
     subgraph.tensors.append(rows)
     op.outputs = [len(subgraph.tensors) - 1]
     dequantize = schema.OperatorT()
-    dequantize.opcodeIndex = _opcode_index(model, schema.BuiltinOperator.DEQUANTIZE)
+    dequantize.opcodeIndex = flatbuffer.opcode_index(model, schema.BuiltinOperator.DEQUANTIZE)
     dequantize.inputs, dequantize.outputs = [len(subgraph.tensors) - 1], [out]
     subgraph.operators.insert(subgraph.operators.index(op) + 1, dequantize)
 
 
-def _opcode_index(model, builtin):
-    from ai_edge_litert import schema_py_generated as schema
-
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
-            return i
-    code = schema.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode = builtin, min(builtin, 127)
-    code.version = 1
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
-
-
 def _set_versions(model, wanted):
     """One op code per operator, at the version its quantized form needs."""
-    from ai_edge_litert import schema_py_generated as schema
-
     kinds = set(wanted.values()) | ({"DEQUANTIZE"} if "GATHER" in wanted.values() else set())
     for code in model.operatorCodes:
         builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
@@ -281,12 +237,7 @@ def _set_versions(model, wanted):
 def _drop_unused(model):
     """Drop op codes no op uses, tensors no op, input or output reads (the FILLs' shapes and
     values), and the data of buffers no tensor points at."""
-    used_codes = sorted({op.opcodeIndex for sg in model.subgraphs for op in sg.operators})
-    remap = {old: new for new, old in enumerate(used_codes)}
-    model.operatorCodes = [model.operatorCodes[i] for i in used_codes]
-    for subgraph in model.subgraphs:
-        for op in subgraph.operators:
-            op.opcodeIndex = remap[op.opcodeIndex]
+    flatbuffer.drop_unused_opcodes(model)
     for s, subgraph in enumerate(model.subgraphs):
         used = {int(i) for op in subgraph.operators for i in list(op.inputs) + list(op.outputs)
                 if i >= 0}
@@ -312,17 +263,8 @@ def _drop_unused(model):
 
 
 def _add_weight_map(model, weights, encoding):
-    from ai_edge_litert import schema_py_generated as schema
-
-    record = {"encoding": encoding,
-              "buffers": {str(w.buffer): {"tensor": w.name, "factor": w.factor}
-                          for w in sorted(weights.values(), key=lambda w: w.buffer)}}
-    buffer = schema.BufferT()
-    buffer.data = json.dumps(record, separators=(",", ":")).encode()
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = WEIGHT_MAP_METADATA.encode(), len(model.buffers)
-    model.buffers.append(buffer)
-    model.metadata = list(model.metadata or []) + [entry]
+    entries = {w.buffer: (w.name, w.factor) for w in weights.values()}
+    flatbuffer.add_metadata(model, WEIGHT_MAP_METADATA, encode_weight_map(entries, encoding))
 
 
 # ------------------------------------------------------------------ writing
@@ -342,12 +284,7 @@ def _encoded_blocks(source, weight, encoding):
         if encoding == "fp16":
             yield values.astype(np.float16)
         elif encoding == "dynamic_int8":
-            # As the converter's quantizer (UniformQuantizedValueConverter): divide by the
-            # scale in double precision, (max - min) / 254, not by the stored float32 one,
-            # and round half away from zero.
-            q = values.astype(np.float64) / (2 * np.float64(weight.peak) / 254)
-            q = np.sign(q) * np.floor(np.abs(q) + 0.5)
-            yield np.clip(q, -127, 127).astype(np.int8)
+            yield quantize_int8_per_tensor(values, weight.peak)
         else:
             yield values
 
@@ -387,7 +324,7 @@ def _write(out_path, template, model, referenced, weights, splats, source, encod
             value, count = splats[index]
             f.write(value * count)
         else:
-            _copy(template, index, f)
+            template.copy_buffer(index, f)
 
     try:
         write_with_offsets(out_path, model, order, write_buffer)
