@@ -18,8 +18,9 @@ _EXPORTS = {
     "Gemma2DecoderBlock": "gemma_keras.decoder_block",
     "RMSNorm": "gemma_keras.layers",
     "GemmaTokenizer": "gemma_keras.tokenizer",
-    "load_hf_checkpoint": "gemma_keras.converters",
-    "save_hf_checkpoint": "gemma_keras.converters",
+    "load_hf_checkpoint": "gemma_keras.pretrained",
+    "load_model": "gemma_keras.pretrained",
+    "save_hf_checkpoint": "gemma_keras.converters.hf_export",
     "export_saved_model": "gemma_keras.saved_model",
 }
 

@@ -11,6 +11,10 @@ from pathlib import Path
 from gemma_keras import defaults
 from gemma_keras.evaluation import data as data_lib
 from gemma_keras.evaluation import scorers
+from gemma_keras.evaluation.agreement import agreement
+from gemma_keras.evaluation.choice import evaluate_choice
+from gemma_keras.evaluation.perplexity import perplexity
+from gemma_keras.tiny_task import model_dir_or_tiny
 
 TASKS = ("perplexity", "choice")
 
@@ -23,8 +27,6 @@ def _source(model, tflite, saved_model):
         raise ValueError("give one of --model, --tflite, --saved-model")
     if given:
         return given[0]
-    from gemma_keras.tiny_task import model_dir_or_tiny
-
     return "model", model_dir_or_tiny(None)
 
 
@@ -79,20 +81,14 @@ def evaluate(data=None, task="perplexity", model=None, tflite=None, saved_model=
 def _score(scorer, task, records, whole_text, reference, context, stride, batch_size, output,
            progress):
     if task == "choice":
-        from gemma_keras.evaluation.choice import evaluate_choice
-
         return {"task": "choice", "model": scorer.name,
                 **evaluate_choice(scorer, records, output, progress)}
     context = defaults.eval_context(context, scorer.max_length)
     if stride is None and whole_text:
         stride = context  # one long document: disjoint windows unless --stride is given
     if reference is None:
-        from gemma_keras.evaluation.perplexity import perplexity
-
         return {"task": "perplexity", "model": scorer.name,
                 **perplexity(scorer, records, context, stride, progress)}
-    from gemma_keras.evaluation.agreement import agreement
-
     reference_scorer = _open("model", reference, None, "float32", batch_size, context)
     return {"task": "agreement",
             **agreement(scorer, reference_scorer, records, context, stride, progress)}
