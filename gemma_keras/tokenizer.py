@@ -97,6 +97,11 @@ class GemmaTokenizer:
         return self._proto_path
 
     @property
+    def name(self) -> str:
+        """The file it was read from, or `from_proto`'s name: what messages call it."""
+        return self._name
+
+    @property
     def proto(self) -> bytes:
         """The serialized SentencePiece model (the bytes of `tokenizer.model`)."""
         return self._proto

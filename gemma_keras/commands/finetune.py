@@ -36,7 +36,7 @@ def add_training_arguments(p):
 
 
 def training_kwargs(args) -> dict:
-    """The keyword arguments of `training.finetune` and `distill.distill` that
+    """The keyword arguments of `finetune.finetune` and `distill.distill` that
     `add_training_arguments` parsed."""
     return dict(
         epochs=args.epochs, batch_size=args.batch_size, sequence_length=args.sequence_length,

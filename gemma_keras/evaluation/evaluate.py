@@ -15,6 +15,7 @@ from gemma_keras.evaluation.agreement import agreement
 from gemma_keras.evaluation.choice import evaluate_choice
 from gemma_keras.evaluation.perplexity import perplexity
 from gemma_keras.tiny_task import model_dir_or_tiny
+from gemma_keras.tokenizer import GemmaTokenizer
 
 TASKS = ("perplexity", "choice")
 
@@ -70,8 +71,9 @@ def evaluate(data=None, task="perplexity", model=None, tflite=None, saved_model=
         questions = data_lib.read_questions(data)
     tokenizer_file = scorers.tokenizer_path(kind, path, tokenizer)
     if reference is not None:
-        scorers.check_same_tokenizer(tokenizer_file, scorers.tokenizer_path("model",
-                                                                            reference))
+        scorers.check_same_tokenizer(
+            GemmaTokenizer(tokenizer_file),
+            GemmaTokenizer(scorers.tokenizer_path("model", reference)))
     with _open(kind, path, tokenizer, dtype, batch_size, context) as scorer:
         return _score(scorer, task, documents if task == "perplexity" else questions,
                       Path(data).suffix == ".txt", reference, context, stride, batch_size,

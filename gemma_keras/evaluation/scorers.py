@@ -262,12 +262,12 @@ def tokenizer_path(kind, path, tokenizer=None) -> Path:
     return found
 
 
-def check_same_tokenizer(path, reference_path):
-    """Refuse two tokenizer files whose vocabularies differ (naming both files and the first
-    id where they differ)."""
-    if Path(path).read_bytes() == Path(reference_path).read_bytes():
+def check_same_tokenizer(tokenizer, reference):
+    """Refuse two `GemmaTokenizer`s whose vocabularies differ (naming both and the first id
+    where they differ)."""
+    if tokenizer.proto == reference.proto:
         return
-    a, b = GemmaTokenizer(path), GemmaTokenizer(reference_path)
+    a, b, path, reference_path = tokenizer, reference, tokenizer.name, reference.name
     if a.vocab_size != b.vocab_size:
         raise ValueError(f"the tokenizers differ: {path} has {a.vocab_size} pieces, the "
                          f"reference's {reference_path} has {b.vocab_size}")
