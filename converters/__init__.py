@@ -12,7 +12,7 @@ The names are resolved lazily (PEP 562): the readers in this package sit below
 models above it, so importing one module here never imports the others.
 """
 
-import importlib
+from gemma_keras.lazy_names import lazy_names
 
 _EXPORTS = {
     "CheckpointError": "gemma_keras.converters.safetensors_io",
@@ -29,14 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gemma_keras.converters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -35,9 +35,9 @@ from gemma_keras.converters.keras_hub_config import (CONFIG_NAME, from_hub_confi
                                                      read_preset_config, to_hub_config)
 from gemma_keras.converters.keras_hub_layout import (EMBEDDING, HubTensor, Layout,
                                                      WeightsFile, hub_tensors)
-from gemma_keras.converters.safetensors_io import CheckpointError
+from gemma_keras.converters.safetensors_io import CheckpointError, numpy_dtype
 from gemma_keras.converters.keras_hub_preset import scaffold_preset, write_weights
-from gemma_keras.converters.streaming import (_numpy_dtype, assign_rows, rows_per_block,
+from gemma_keras.converters.streaming import (assign_rows, rows_per_block,
                                               variable_rows, zeros_initializers)
 from gemma_keras.converters.weight_map import weight_specs
 from gemma_keras.tokenizer import GemmaTokenizer
@@ -139,16 +139,16 @@ def _hub_arrays(model, tensors, factor, dtype):
     """Yield `(tensor, rows source)` for every keras-hub tensor: the embedding as a function
     of (start, stop) so that it moves in blocks, the others as whole arrays."""
     variables = _gemma_keras_variables(model)
-    numpy_dtype = _numpy_dtype(dtype)
+    stored_dtype = numpy_dtype(dtype)
     for tensor in tensors:
         variable = variables[tensor.hf_name]
         if tensor.layer == EMBEDDING:
-            yield tensor, lambda a, b, v=variable: variable_rows(v, a, b).astype(numpy_dtype)
+            yield tensor, lambda a, b, v=variable: variable_rows(v, a, b).astype(stored_dtype)
             continue
         array = keras.ops.convert_to_numpy(variable.value)
         if factor != 1.0 and tensor.layer.endswith("attention/query"):
             array = array.astype("float32") * np.float32(factor)
-        yield tensor, tensor.to_keras_hub(array).astype(numpy_dtype)
+        yield tensor, tensor.to_keras_hub(array).astype(stored_dtype)
 
 
 def to_keras_hub(model, dtype=None):

@@ -159,7 +159,7 @@ def write_safetensors(path, entries: list[TensorEntry], metadata=None, on_tensor
         for e in entries:
             written = 0
             for block in e.blocks():
-                block = np.ascontiguousarray(block, dtype=_numpy_dtype(e.dtype))
+                block = np.ascontiguousarray(block, dtype=numpy_dtype(e.dtype))
                 f.write(memoryview(block.reshape(-1).view(np.uint8)))
                 written += block.nbytes
             if written != e.nbytes:
@@ -168,7 +168,8 @@ def write_safetensors(path, entries: list[TensorEntry], metadata=None, on_tensor
                 on_tensor(e)
 
 
-def _numpy_dtype(name: str):
+def numpy_dtype(name: str):
+    """The NumPy dtype of a dtype name ("bfloat16" is `ml_dtypes.bfloat16`)."""
     if name == "bfloat16":
         return ml_dtypes.bfloat16
     return np.dtype(name)

@@ -16,8 +16,9 @@ import contextlib
 import inspect
 
 import keras
-import ml_dtypes
 import numpy as np
+
+from gemma_keras.converters.safetensors_io import numpy_dtype
 
 # Rows per block when streaming a large tensor: the 256000 x 2304 embedding moves in blocks of
 # about 64 MB (bfloat16) instead of one 1.2 GB piece.
@@ -49,7 +50,7 @@ def zeros_initializers():
 
 def assign_rows(variable, start: int, rows: np.ndarray):
     """Write `rows` into `variable[start : start + len(rows)]` in place."""
-    rows = np.asarray(rows, dtype=_numpy_dtype(variable.dtype))
+    rows = np.asarray(rows, dtype=numpy_dtype(keras.backend.standardize_dtype(variable.dtype)))
     if start == 0 and rows.shape[0] == variable.shape[0]:
         variable.assign(rows)
     elif keras.backend.backend() == "tensorflow":
@@ -65,10 +66,3 @@ def assign_rows(variable, start: int, rows: np.ndarray):
 def variable_rows(variable, start: int, stop: int) -> np.ndarray:
     """`variable[start:stop]` as a numpy array (only those rows are copied)."""
     return keras.ops.convert_to_numpy(variable.value[start:stop])
-
-
-def _numpy_dtype(dtype):
-    name = keras.backend.standardize_dtype(dtype)
-    if name == "bfloat16":
-        return ml_dtypes.bfloat16
-    return np.dtype(name)

@@ -18,8 +18,7 @@ import numpy as np
 
 from gemma_keras.config import Gemma2Config
 from gemma_keras.converters.keras_dir import read_metadata
-from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
-from gemma_keras.converters.streaming import _numpy_dtype
+from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint, numpy_dtype
 from gemma_keras.pretrained import load_hf_checkpoint, load_model_dir
 
 DEFAULT_ATOL = 1e-2  # float32 noise is ~1e-5; a wrong layout is off by whole units
@@ -51,7 +50,7 @@ def verify_input(vocab_size, length=16, seed=0) -> np.ndarray:
 
 def _round(array: np.ndarray, dtypes) -> np.ndarray:
     for dtype in dtypes:
-        array = array.astype(_numpy_dtype(dtype)).astype(np.float32)
+        array = array.astype(numpy_dtype(dtype)).astype(np.float32)
     return array
 
 

@@ -4,7 +4,7 @@ Public names are resolved lazily (PEP 562) so that `import gemma_keras.tflite` d
 in Keras or TensorFlow.
 """
 
-import importlib
+from gemma_keras.lazy_names import lazy_names
 
 __version__ = "0.1.0"
 
@@ -27,14 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gemma_keras' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -80,8 +80,10 @@ def _graph():
                 lazy.append((name, target or imported, line))
             if target is None or target == name:
                 continue
-            # importing a.b.c runs a/__init__ and a/b/__init__ first
+            # importing a.b.c runs a/__init__ and a/b/__init__ first (the importer's own
+            # packages are already being imported when it runs)
             parents = [".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 1)]
+            parents = [p for p in parents if not name.startswith(p + ".")]
             for module in [target, *parents]:
                 if module in modules and module != name:
                     edges[name].setdefault(module, (line, in_function))
