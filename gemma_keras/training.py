@@ -5,6 +5,9 @@ Batches are `({"token_ids", "padding_mask"}, labels, sample_weight)` (see `gemma
 that token counts (response tokens; never padding). The loss is the mean over the counted
 tokens (Keras' `"mean_with_sample_weight"` reduction), the accuracy is over the same tokens.
 
+Also here, for any model: `remat_scope` and the per-epoch checkpoints (`save_checkpoint`,
+`restore_checkpoint`, `EpochCheckpoint`). `gemma_keras.finetune` puts them together.
+
 Example:
 >>> model.compile()                                    # AdamW, masked loss and accuracy
 >>> model.compile(optimizer=adamw(model, learning_rate=1e-3, gradient_accumulation_steps=4))
