@@ -27,6 +27,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gemma_keras.conventions import WEIGHT_MAP_METADATA
 from gemma_keras.tflite import flatbuffer
@@ -34,7 +35,6 @@ from gemma_keras.tflite.flatbuffer import TFLiteFile, is_stored, schema, write_w
 from gemma_keras.tflite.template import table_value
 from gemma_keras.tflite.weight_encoding import int8_step, quantize_int8_per_tensor
 from gemma_keras.tflite.weight_map_metadata import encode_weight_map
-
 
 ENCODINGS = ("none", "fp16", "dynamic_int8")
 _CHUNK_BYTES = 16 << 20
@@ -296,8 +296,6 @@ def _weight_nbytes(weight, encoding):
 
 def _write(out_path, template, model, referenced, weights, splats, source, encoding,
            progress):
-    from tqdm import tqdm
-
     by_buffer = {w.buffer: w for w in weights.values()}
     inline = {m.buffer for m in model.metadata or []}
     in_template = template.root.BuffersLength()
