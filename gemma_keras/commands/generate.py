@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from gemma_keras.tflite import GemmaTFLite
+from gemma_keras import tflite
 from gemma_keras.tokenizer import tokenizer_of
 
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
@@ -49,7 +49,7 @@ def sampling_kwargs(args):
 def load(args):
     """The model the arguments name: a GemmaTFLite for --tflite, else a Gemma2CausalLM."""
     if args.tflite:
-        return GemmaTFLite(args.tflite, args.tokenizer)
+        return tflite.GemmaTFLite(args.tflite, args.tokenizer)
     if args.tokenizer:
         raise ValueError("--tokenizer goes with --tflite; a --model directory has its own")
     from gemma_keras.pretrained import load_model
