@@ -133,16 +133,29 @@ def top_p_ids(row, k, top_p):
     decided when its `before` is below the threshold's lower bound (kept) or at or above its
     upper bound (dropped); the prefix suffices when the mass it holds reaches the upper bound.
     """
-    weights = np.exp(row - row.max())  # of every id, as the full ranking computes them
+    scores = row - row.max()
+    # float32 weights only guess which candidate counts hold enough mass (cheaply: a flat
+    # row goes straight to the full ranking); the float64 ones below decide.
+    guess = np.exp(np.maximum(scores, -200.0).astype(np.float32))
+    guess = guess if k == row.size else np.partition(guess, row.size - k)[row.size - k:]
+    enough = top_p * guess.sum(dtype=np.float64) * 1.001
+
+    def holds_enough(m):  # the m highest guessed weights
+        return np.partition(guess, k - m)[k - m:].sum(dtype=np.float64) >= enough
+
+    counts = [m for m in TOP_P_CANDIDATES if m < k // 2]
+    if not counts or not holds_enough(counts[-1]):  # a flat row
+        return None
+    while len(counts) > 1 and not holds_enough(counts[0]):
+        counts.pop(0)
+    weights = np.exp(scores)  # of every id, as the full ranking computes them
     top = weights if k == row.size else np.partition(weights, row.size - k)[row.size - k:]
     total = top.sum()
     if not np.isfinite(total):  # inf or nan scores: the full ranking decides
         return None
     margin = 4.0 * k * np.finfo(np.float64).eps
     low, high = top_p * total * (1 - margin), top_p * total * (1 + margin)
-    for m in (m for m in TOP_P_CANDIDATES if m < k // 2):
-        if np.partition(top, k - m)[k - m:].sum() < high:  # the m highest hold too little
-            continue
+    for m in counts:
         order = ranked_ids(row[None], m)[0]
         cumulative = np.cumsum(weights[order])
         if cumulative[-1] < high:  # summed in rank order, the mass falls just short

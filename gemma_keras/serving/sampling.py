@@ -41,7 +41,7 @@ def uniform_at(seeds, step, ids):
     return (tf.cast(bits, tf.float64) + 0.5) / 2.0**32
 
 
-def _gumbel_max(scores, kept, ids, seeds, step, vocab_size):
+def gumbel_max(scores, kept, ids, seeds, step, vocab_size):
     """The id (int32 [batch]) with the highest `scores + g(seed, step, id)` among the `kept`
     ones, ties to the lowest id; `scores`, `kept`, `ids` [batch, n] (ids [1, n]: every row's)."""
     noise = -tf.math.log(-tf.math.log(uniform_at(seeds, step, ids)))
@@ -63,18 +63,20 @@ def kept_tokens(x, k, top_p):
     before = tf.concat([tf.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], axis=-1)
     in_p = (before < top_p[:, None] * cumulative[:, -1:]) | (top_p >= 1.0)[:, None]
     keep = in_k & in_p  # by rank
-    rank_of_id = tf.argsort(order, axis=-1)
-    return tf.gather(keep, rank_of_id, batch_dims=1)
+    rows = tf.broadcast_to(tf.range(tf.shape(x)[0])[:, None], tf.shape(order))
+    by_id = tf.scatter_nd(tf.stack([rows, order], -1), tf.cast(keep, tf.int32), tf.shape(x))
+    return by_id > 0
 
 
-# Top-k and top-p first rank only this many candidates, as `samplers.top_p_ids` does; a row
-# whose kept tokens they do not provably hold is ranked in full.
-CANDIDATES = 1024
+# Top-k and top-p first rank only this many candidates, then this many, as
+# `samplers.top_p_ids` does; a batch with a row they do not decide is ranked in full.
+CANDIDATES = (1024, 16384)
 
 
 def candidates_keep(x, values, k, top_p):
-    """For the m highest scores `values` [batch, m] of `x` (ranked, ties to the lower id): which ranks top-k and top-p keep (bool [batch, m]) and whether that decides
-    the row (bool [batch]: no token outside them is kept).
+    """For the m highest scores `values` [batch, m] of `x` (ranked, ties to the lower id):
+    which ranks top-k and top-p keep (bool [batch, m]) and whether that decides the row
+    (bool [batch]: no token outside them is kept).
 
     A row with `k` <= m has its definition's total among the candidates, exactly; a row
     without top-k (`k` = vocab) bounds the total, summed in another order, within `margin`
@@ -105,21 +107,21 @@ def _sample(logits, temperature, top_k, top_p, seeds, step, sampling):
     top_p = tf.cast(top_p, tf.float64)
     vocab_size = tf.shape(x)[1]
     k = tf.where(top_k > 0, tf.minimum(top_k, vocab_size), vocab_size)
-    ids = tf.range(vocab_size)[None]
-
-    def among_candidates():
-        return _gumbel_max(values, keep, order, seeds, step, vocab_size)
 
     def whole_row():
         keeps_all = tf.reduce_all((k == vocab_size) & (top_p >= 1.0))
         kept = tf.cond(keeps_all, lambda: tf.ones(tf.shape(x), tf.bool),
                        lambda: kept_tokens(x, k, top_p))
-        return _gumbel_max(x, kept, ids, seeds, step, vocab_size)
+        return gumbel_max(x, kept, tf.range(vocab_size)[None], seeds, step, vocab_size)
 
-    values, order = tf.math.top_k(x, tf.minimum(CANDIDATES, vocab_size))  # ties: lower id
-    keep, decided = candidates_keep(x, values, k, top_p)
-    return tf.cond(tf.reduce_all(decided | tf.logical_not(sampling)), among_candidates,
-                   whole_row)
+    def among(m, otherwise):
+        values, order = tf.math.top_k(x, tf.minimum(m, vocab_size))  # ties: lower id
+        keep, decided = candidates_keep(x, values, k, top_p)
+        return tf.cond(tf.reduce_all(decided | tf.logical_not(sampling)),
+                       lambda: gumbel_max(values, keep, order, seeds, step, vocab_size),
+                       otherwise)
+
+    return among(CANDIDATES[0], lambda: among(CANDIDATES[1], whole_row))
 
 
 def next_token(logits, temperature, top_k, top_p, seeds, step):
