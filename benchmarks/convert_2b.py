@@ -54,9 +54,9 @@ def phase_write(work):
     # per-block shapes, so the full-size names and shapes follow from it.
     small = Gemma2Config(**{**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 256,
                             "layer_types": None})
-    from gemma_keras.converters.streaming import empty_causal_lm
+    from gemma_keras.causal_lm import Gemma2CausalLM
 
-    specs = weight_specs(empty_causal_lm(small, dtype=DTYPE).backbone)
+    specs = weight_specs(Gemma2CausalLM.empty(small, dtype=DTYPE).backbone)
     # Normal values drawn once (64 Mi of them); each block is a slice at a random offset, so
     # every tensor differs (a mix-up shows in the bit-for-bit comparison) at memcpy speed.
     rng = np.random.default_rng(0)

@@ -28,12 +28,12 @@ def phase_write(work):
     import numpy as np
 
     from gemma_keras.config import Gemma2Config
-    from gemma_keras.converters.files import attach_tokenizer
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.converters.files import read_tokenizer
     from gemma_keras.converters.keras_hub import write_preset
-    from gemma_keras.converters.streaming import (assign_rows, empty_causal_lm,
-                                                  rows_per_block)
+    from gemma_keras.converters.streaming import assign_rows, rows_per_block
 
-    model = empty_causal_lm(Gemma2Config.preset(PRESET), dtype=DTYPE)
+    model = Gemma2CausalLM.empty(Gemma2Config.preset(PRESET), dtype=DTYPE)
     # Normal values drawn once; each block is a slice at a random offset, so every tensor
     # differs (a mix-up shows in the comparison) at memcpy speed.
     rng = np.random.default_rng(0)
@@ -49,7 +49,8 @@ def phase_write(work):
     # the bundled tiny model's tokenizer stands in for Gemma's (only its file is copied)
     import gemma_keras
 
-    attach_tokenizer(model, os.path.join(os.path.dirname(gemma_keras.__file__), "assets", "tiny"))
+    model.tokenizer = read_tokenizer(os.path.join(os.path.dirname(gemma_keras.__file__), "assets",
+                                                  "tiny"))
     out = os.path.join(work, "preset")
     os.makedirs(out)
     start = time.perf_counter()

@@ -67,6 +67,23 @@ def _model(layers, dtype):
     return Gemma2CausalLM(_config(layers), dtype=dtype)
 
 
+def _seconds_per_token(run, short, long):
+    """Seconds per decode token: `run(n)` (a generation of at most n new tokens, returning
+    how many it made) at two lengths, their difference. Also the share of the two CPU cores'
+    time the process got meanwhile (other jobs on the machine lower it) and the load."""
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    n_short = run(short)
+    t1 = time.perf_counter()
+    n_long = run(long)
+    t2 = time.perf_counter()
+    if (n_short, n_long) != (short, long):  # a stop token: the difference would mislead
+        raise SystemExit(f"generations of {short} and {long} new tokens made {n_short} and "
+                         f"{n_long}")
+    return {"s_per_token": ((t2 - t1) - (t1 - t0)) / (long - short),
+            "cpu_share": (time.process_time() - cpu0) / (t2 - t0) / os.cpu_count(),
+            "load": os.getloadavg()[0]}
+
+
 # ---------------------------------------------------------------------------- stages
 def stage_export(args):
     from gemma_keras.saved_model import export_saved_model
@@ -112,14 +129,9 @@ def stage_serve(args):
         run_load(generate, [_request(short)] * clients, clients)
     warmup = time.perf_counter() - t0
 
-    def timed(n):
-        t = time.perf_counter()
-        steps = generate(_request(n))["token_ids"].shape[1]
-        return time.perf_counter() - t, steps
-
-    (t_short, n_short), (t_long, n_long) = timed(short), timed(long)
     result = {"load_s": load, "warmup_s": warmup,
-              "s_per_token": (t_long - t_short) / max(n_long - n_short, 1)}
+              **_seconds_per_token(lambda n: generate(_request(n))["token_ids"].shape[1],
+                                   short, long)}
     for clients in args.clients:
         run = run_load(generate, [_request(long)] * clients, clients)
         if any(run.errors):
@@ -140,16 +152,13 @@ def stage_keras(args):
     build = time.perf_counter() - t0
     prompt = GemmaTokenizer(TOKENIZER).encode(PROMPT)  # the served model's prompt ids
 
-    def timed(n):
-        t, steps = time.perf_counter(), 0
-        for _ in generate_ids(model, [prompt], max_new_tokens=n, stop_token_ids=()):
-            steps += 1
-        return time.perf_counter() - t, steps
+    def run(n):
+        return sum(1 for _ in generate_ids(model, [prompt], max_new_tokens=n,
+                                           stop_token_ids=()))
 
     short, long = args.max_new
-    timed(short)  # compiles
-    (t_short, n_short), (t_long, n_long) = timed(short), timed(long)
-    return {"build_s": build, "s_per_token": (t_long - t_short) / (n_long - n_short),
+    run(short)  # compiles
+    return {"build_s": build, **_seconds_per_token(run, short, long),
             "keras_peak_rss_gib": _peak_rss_gib()}
 
 
@@ -157,6 +166,10 @@ STAGES = {"export": stage_export, "serve": stage_serve, "keras": stage_keras}
 
 
 # ---------------------------------------------------------------------------- parent
+def _share(result):
+    return f"{result['cpu_share']:.0%}, {result['load']:.1f}"
+
+
 def _subprocess(stage, args, **overrides):
     argv = [sys.executable, __file__, "--stage", stage, "--layers", str(args.layers),
             "--dtype", overrides.get("dtype", args.dtype), "--out-dir", str(args.out_dir),
@@ -201,8 +214,8 @@ def main():
     cols = [f"tok/s {c} client{'s' * (c > 1)}" for c in args.clients]
     print("| dtype | runtime | export s | export peak GiB | load s | s/token (1 client) | "
           + " | ".join(cols) + f" | {args.clients[-1]} vs 1 | p99 s at {args.clients[-1]} | "
-          "serve peak GiB | peak / weights |")
-    print("|---" * (10 + len(cols)) + "|")
+          "serve peak GiB | peak / weights | CPU share, load (s/token) |")
+    print("|---" * (11 + len(cols)) + "|")
     for dtype in dtypes:
         weights = weights_gb * (4 if dtype == "float32" else 2) / 4 * 1e9 / 2**30  # GiB
         if _available_gib() < weights * 1.4 + 1:
@@ -213,7 +226,7 @@ def main():
             print(f"| {dtype} | Gemma2CausalLM.generate (XLA) | - | - | {k['build_s']:.0f} "
                   f"(build) | {k['s_per_token']:.3f} | " + " | ".join("-" for _ in cols)
                   + f" | - | - | {k['keras_peak_rss_gib']:.1f} | "
-                  f"{k['keras_peak_rss_gib'] / weights:.2f} |", flush=True)
+                  f"{k['keras_peak_rss_gib'] / weights:.2f} | {_share(k)} |", flush=True)
         for variant in args.variants:
             shutil.rmtree(args.out_dir, ignore_errors=True)
             try:
@@ -226,8 +239,8 @@ def main():
                   f"{e['export_peak_rss_gib']:.1f} | {s['load_s']:.0f} | "
                   f"{s['s_per_token']:.3f} | " + " | ".join(f"{v:.2f}" for v in speeds)
                   + f" | {speeds[-1] / speeds[0]:.2f}x | {s[f'p99_s_{args.clients[-1]}']:.1f} | "
-                  f"{s['serve_peak_rss_gib']:.1f} | {s['serve_peak_rss_gib'] / weights:.2f} |",
-                  flush=True)
+                  f"{s['serve_peak_rss_gib']:.1f} | {s['serve_peak_rss_gib'] / weights:.2f} | "
+                  f"{_share(s)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -191,9 +191,10 @@ def random_causal_lm(config, seed=0):
     """A float32 Gemma2CausalLM of `config` with random weights (N(0, 0.02) matrices,
     N(0, 0.1) norm scales), filled chunk by chunk with NumPy: much faster than Keras'
     initializers, with no full-size temporaries, and reproducible variable by variable."""
-    from gemma_keras.converters.streaming import assign_rows, empty_causal_lm
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.converters.streaming import assign_rows
 
-    model = empty_causal_lm(config, dtype="float32")
+    model = Gemma2CausalLM.empty(config, dtype="float32")
     for index, variable in enumerate(model.variables):
         for start, block in _original_chunks(variable, index, seed):
             assign_rows(variable, start, block)
@@ -763,7 +764,7 @@ def stage_quant_error(args):
     prefill_t, steps, cache_len = 8, 8, 32
     if args.tiny_model:
         # The bundled trained tiny model, on a held-out prompt and its answer (chat format).
-        from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
+        from gemma_keras.pretrained import load_hf_checkpoint
         from gemma_keras.tiny_task import eval_examples, tiny_model_dir
         from gemma_keras.tokenizer import GemmaTokenizer
 

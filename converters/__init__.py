@@ -6,16 +6,27 @@
 - `from_keras_hub(causal_lm_or_backbone)` / `to_keras_hub(model)`: keras-hub Gemma 2 models in
   memory; `convert_keras_hub_to_keras` / `convert_keras_to_keras_hub`: keras-hub preset
   directories (`gemma-keras convert PRESET OUT`, `--to keras-hub`).
+
+The names are resolved lazily (PEP 562): the readers in this package sit below
+`gemma_keras.causal_lm` (which imports them for `from_pretrained`), the converters that build
+models above it, so importing one module here never imports the others.
 """
 
-from gemma_keras.converters.convert import convert_hf_to_keras, convert_keras_to_hf
-from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
-from gemma_keras.converters.hf_export import save_hf_checkpoint
-from gemma_keras.converters.keras_hub import (convert_keras_hub_to_keras,
-                                              convert_keras_to_keras_hub, from_keras_hub,
-                                              to_keras_hub)
-from gemma_keras.converters.safetensors_io import CheckpointError
+from gemma_keras.lazy_names import lazy_names
 
-__all__ = ["CheckpointError", "convert_hf_to_keras", "convert_keras_hub_to_keras",
-           "convert_keras_to_hf", "convert_keras_to_keras_hub", "from_keras_hub",
-           "load_hf_checkpoint", "save_hf_checkpoint", "to_keras_hub"]
+_EXPORTS = {
+    "CheckpointError": "gemma_keras.converters.safetensors_io",
+    "convert_hf_to_keras": "gemma_keras.converters.convert",
+    "convert_keras_to_hf": "gemma_keras.converters.convert",
+    "load_hf_checkpoint": "gemma_keras.pretrained",
+    "save_hf_checkpoint": "gemma_keras.converters.hf_export",
+    "convert_keras_hub_to_keras": "gemma_keras.converters.keras_hub",
+    "convert_keras_to_keras_hub": "gemma_keras.converters.keras_hub",
+    "from_keras_hub": "gemma_keras.converters.keras_hub",
+    "to_keras_hub": "gemma_keras.converters.keras_hub",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -13,18 +13,19 @@ import time
 from pathlib import Path
 
 from gemma_keras.atomic_files import atomic_directory
+from gemma_keras.causal_lm import Gemma2CausalLM
 from gemma_keras.converters.files import TOKENIZER_NAME
 from gemma_keras.converters.hf_checkpoint import (check_hf_checkpoint, fill_from_checkpoint,
                                                   read_hf_config)
 from gemma_keras.converters.hf_export import MAX_SHARD_BYTES as HF_SHARD_BYTES
 from gemma_keras.converters.hf_export import write_hf_dir
 from gemma_keras.converters.keras_dir import (MAX_SHARD_BYTES as KERAS_SHARD_BYTES,
-                                              load_model_dir, read_metadata, weights_summary,
+                                              read_metadata, weights_summary,
                                               write_model_dir)
 from gemma_keras.converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from gemma_keras.converters.streaming import empty_causal_lm
 from gemma_keras.converters.verify import DEFAULT_ATOL, VerifyResult, verify_conversion
 from gemma_keras.converters.weight_map import weight_specs
+from gemma_keras.pretrained import load_model_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,7 +79,7 @@ def convert_hf_to_keras(src, out_dir, dtype=None, overwrite=False, verify=False,
     checkpoint = SafetensorsCheckpoint(src)
     embedding = "model.embed_tokens.weight"
     source_dtype = checkpoint.float_dtype(embedding) if embedding in checkpoint.files else None
-    model = empty_causal_lm(config, dtype=dtype or source_dtype or "float32")
+    model = Gemma2CausalLM.empty(config, dtype=dtype or source_dtype or "float32")
     check_hf_checkpoint(checkpoint, weight_specs(model.backbone))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         fill_from_checkpoint(model, checkpoint, progress=progress)

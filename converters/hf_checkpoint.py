@@ -1,13 +1,16 @@
-"""Read a Hugging Face Gemma 2 checkpoint directory into a Keras `Gemma2CausalLM`, streaming."""
+"""Read a Hugging Face Gemma 2 checkpoint directory into a Keras model, streaming
+(`gemma_keras.pretrained.load_hf_checkpoint` builds the model)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from gemma_keras.config import Gemma2Config
-from gemma_keras.converters.files import attach_tokenizer
+from gemma_keras.converters.files import PretrainedFiles, read_tokenizer
 from gemma_keras.converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from gemma_keras.converters.streaming import assign_rows, empty_causal_lm, rows_per_block
+from gemma_keras.converters.streaming import assign_rows, rows_per_block
 from gemma_keras.converters.weight_map import TIED_ALIASES, weight_specs
 
 
@@ -49,8 +52,6 @@ def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=Fals
 
     Tensors move in blocks of rows (every tensor keeps its layout).
     """
-    from tqdm.auto import tqdm
-
     specs = weight_specs(model.backbone)
     total = 0
     for spec in tqdm(specs, desc="HF -> Keras", unit="tensor", disable=not progress):
@@ -63,28 +64,22 @@ def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=Fals
     return total
 
 
-def load_hf_checkpoint(path, dtype=None, progress=False):
-    """Load a Hugging Face Gemma 2 checkpoint directory as a `Gemma2CausalLM`.
+def open_hf_checkpoint(directory) -> PretrainedFiles:
+    """A Hugging Face Gemma 2 checkpoint directory, opened for `Gemma2CausalLM.from_files`.
 
-    Args:
-      path: directory with config.json and model.safetensors (or sharded model-*.safetensors
-        with model.safetensors.index.json); float32, float16 or bfloat16 tensors.
-      dtype: Keras dtype policy of the model ("float32" by default: on CPU Keras computes
-        fastest in float32).
-      progress: show a progress bar.
-
-    The config's model_type, and every tensor's presence and shape, are checked before any
-    weight is read; an error lists the missing, misshapen or unexpected names. Tensors are
-    read one at a time (large ones in blocks of rows) straight into the model's variables.
-    A `tokenizer.model` in the directory is attached as `model.tokenizer`.
-
-    Example:
-    >>> model = load_hf_checkpoint("gemma-2-2b", dtype="bfloat16")
+    The directory holds config.json and model.safetensors (or sharded model-*.safetensors with
+    model.safetensors.index.json) in float32, float16 or bfloat16. The config's model_type is
+    checked here; every tensor's presence and shape before any weight is read (an error lists
+    the missing, misshapen or unexpected names). Tensors are read one at a time (large ones in
+    blocks of rows) straight into the model's variables. The weights load as float32 unless
+    asked otherwise: on CPU Keras computes fastest in float32.
     """
-    directory = Path(path)
+    directory = Path(directory)
     config = read_hf_config(directory)
     checkpoint = SafetensorsCheckpoint(directory)
-    model = empty_causal_lm(config, dtype=dtype or "float32")
-    check_hf_checkpoint(checkpoint, weight_specs(model.backbone))
-    fill_from_checkpoint(model, checkpoint, progress=progress)
-    return attach_tokenizer(model, directory)
+
+    def fill(model, progress=False):
+        check_hf_checkpoint(checkpoint, weight_specs(model.backbone))
+        fill_from_checkpoint(model, checkpoint, progress=progress)
+
+    return PretrainedFiles(directory, config, "float32", read_tokenizer(directory), fill)

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import keras
+from tqdm.auto import tqdm
 
 from gemma_keras.atomic_files import atomic_directory
-from gemma_keras.converters.files import copy_tokenizer, model_tokenizer_path
+from gemma_keras.converters.files import write_tokenizer
 from gemma_keras.converters.safetensors_io import TensorEntry, write_sharded
 from gemma_keras.converters.streaming import rows_per_block, variable_rows
 from gemma_keras.converters.weight_map import weight_specs
+from gemma_keras.lora import enabled_lora_layers
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
@@ -19,18 +21,19 @@ MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 def hf_entries(model, dtype=None) -> list[TensorEntry]:
     """One `TensorEntry` per HF tensor of `model`, in the table's order, reading the variables
     lazily in blocks of rows and casting to `dtype`."""
+    with_adapters = {id(layer) for _, layer in enabled_lora_layers(model)}
     entries = []
     for spec in weight_specs(model.backbone):
         variable = spec.variable
         out_dtype = dtype or keras.backend.standardize_dtype(variable.dtype)
         entries.append(TensorEntry(spec.hf_name, spec.hf_shape, out_dtype,
-                                   _blocks(spec)))
+                                   _blocks(spec, merged=id(spec.layer) in with_adapters)))
     return entries
 
 
-def _blocks(spec):
+def _blocks(spec, merged):
     variable = spec.variable
-    if getattr(spec.layer, "lora_enabled", False):  # export the merged projection
+    if merged:  # the projection with its LoRA adapters folded in
         return lambda: [spec.layer.merged_kernel()]
     num_rows = variable.shape[0]
     rows = rows_per_block(variable.shape, 4)
@@ -53,8 +56,6 @@ def generation_config_dict(config) -> dict:
 def write_hf_dir(model, directory, dtype=None, tokenizer_path=None,
                  max_shard_bytes=MAX_SHARD_BYTES, progress=False) -> list[str]:
     """Write `model` as HF files into the existing, empty `directory`; return their names."""
-    from tqdm.auto import tqdm
-
     directory = Path(directory)
     entries = hf_entries(model, dtype)
     with tqdm(total=len(entries), desc="Keras -> HF", unit="tensor", disable=not progress) as bar:
@@ -63,7 +64,7 @@ def write_hf_dir(model, directory, dtype=None, tokenizer_path=None,
     _write_json(directory / "config.json", hf_config_dict(model.config, entries[0].dtype))
     _write_json(directory / "generation_config.json", generation_config_dict(model.config))
     files += ["config.json", "generation_config.json"]
-    if copy_tokenizer(tokenizer_path or model_tokenizer_path(model), directory):
+    if write_tokenizer(model, directory, tokenizer_path):
         files.append("tokenizer.model")
     return files
 
@@ -77,7 +78,7 @@ def save_hf_checkpoint(model, out_dir, dtype=None, tokenizer_path=None,
       out_dir: the directory to create. It is written under a temporary name and renamed
         when complete, so a failure leaves no `out_dir`.
       dtype: "float32", "bfloat16" or "float16" for the tensors (default: the variables').
-      tokenizer_path: a `tokenizer.model` to copy (default: `model.tokenizer`'s, if any).
+      tokenizer_path: a `tokenizer.model` to copy (default: the model's own tokenizer, if any).
       max_shard_bytes: largest safetensors file; more than one gets an index, as
         transformers writes them (`model-00001-of-00002.safetensors`, ...).
       overwrite: replace an existing `out_dir`.

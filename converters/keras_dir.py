@@ -20,14 +20,17 @@ from pathlib import Path
 
 import h5py
 import keras
+import ml_dtypes
+from keras.src.saving import saving_lib  # save_weights with objects_to_skip
 
 import gemma_keras
-from gemma_keras.config import Gemma2Config
 from gemma_keras.atomic_files import atomic_directory
-from gemma_keras.converters.files import attach_tokenizer, copy_tokenizer
+from gemma_keras.config import Gemma2Config
+from gemma_keras.converters.files import PretrainedFiles, read_tokenizer, write_tokenizer
+from gemma_keras.converters.hf_checkpoint import open_hf_checkpoint
 from gemma_keras.converters.safetensors_io import CheckpointError
-from gemma_keras.converters.streaming import (assign_rows, empty_causal_lm, rows_per_block,
-                                              variable_rows)
+from gemma_keras.converters.streaming import assign_rows, rows_per_block, variable_rows
+from gemma_keras.lora import has_lora
 
 FORMAT = "gemma-keras"
 FORMAT_VERSION = 1
@@ -63,14 +66,12 @@ def _itemsize(dtype) -> int:
 
 def write_model_dir(model, directory, source=None, tokenizer_path=None,
                     max_shard_bytes=MAX_SHARD_BYTES) -> dict:
-    """Write `model` into the existing, empty `directory`; return the metadata written."""
-    from keras.src.saving import saving_lib  # save_weights with objects_to_skip
-
+    """Write `model` into the existing, empty `directory`; return the metadata written. The
+    tokenizer written is `tokenizer_path`'s when given, else the model's own."""
     directory = Path(directory)
-    adapters = [w.path for w in model.weights if "/lora_" in w.path]
-    if adapters:
-        raise ValueError(f"the model carries LoRA adapters ({adapters[0]}, ...): call "
-                         "model.merge_lora() before writing a model directory")
+    if has_lora(model):
+        raise ValueError("the model carries LoRA adapters: call model.merge_lora() before "
+                         "writing a model directory")
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **weights_summary(model)}
     embedding = model.backbone.embed_tokens
     sharded = metadata["bytes"] > max_shard_bytes
@@ -81,7 +82,7 @@ def write_model_dir(model, directory, source=None, tokenizer_path=None,
         max_shard_size=max_shard_bytes / 1024**3 if sharded else None, objects_to_skip=skip)
     _write_embedding(embedding, directory, weights)
     (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    has_tokenizer = copy_tokenizer(tokenizer_path, directory)
+    has_tokenizer = write_tokenizer(model, directory, tokenizer_path)
     metadata.update(
         weights=weights,
         tokenizer="tokenizer.model" if has_tokenizer else None,
@@ -143,8 +144,6 @@ def _read_embedding(layer, directory: Path, weights: str):
         for start in range(0, variable.shape[0], rows):
             block = dataset[start:min(start + rows, variable.shape[0])]
             if bfloat16:
-                import ml_dtypes
-
                 block = block.view(ml_dtypes.bfloat16)
             assign_rows(variable, start, block)
 
@@ -177,22 +176,35 @@ def is_model_dir(directory) -> bool:
     return (Path(directory) / METADATA_NAME).is_file()
 
 
-def load_model_dir(directory, dtype=None):
-    """Load a gemma-keras model directory as a `Gemma2CausalLM`, tokenizer attached.
-
-    `dtype` is the Keras dtype policy (default: the dtype the weights were saved in).
-    """
+def open_model_dir(directory) -> PretrainedFiles:
+    """A gemma-keras model directory, opened for `Gemma2CausalLM.from_files`: its weights load
+    in the dtype they were saved in unless asked otherwise, its tokenizer.model travels with
+    the model."""
     directory = Path(directory)
     metadata = read_metadata(directory)
     config = Gemma2Config.from_json_file(directory / "config.json")
     weights = directory / metadata.get("weights", SINGLE_WEIGHTS)
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {weights.name} is missing")
-    model = empty_causal_lm(config, dtype=dtype or metadata.get("dtype", "float32"))
-    embedding = model.backbone.embed_tokens
-    try:
-        model.load_weights(weights, objects_to_skip=[embedding])
-        _read_embedding(embedding, directory, weights.name)
-    except (OSError, KeyError) as e:  # h5py: truncated or corrupt file, missing dataset
-        raise CheckpointError(f"{weights}: cannot read Keras weights ({e})") from None
-    return attach_tokenizer(model, directory)
+
+    def fill(model, progress=False):
+        embedding = model.backbone.embed_tokens
+        try:
+            model.load_weights(weights, objects_to_skip=[embedding])
+            _read_embedding(embedding, directory, weights.name)
+        except (OSError, KeyError) as e:  # h5py: truncated or corrupt file, missing dataset
+            raise CheckpointError(f"{weights}: cannot read Keras weights ({e})") from None
+
+    return PretrainedFiles(directory, config, metadata.get("dtype", "float32"),
+                           read_tokenizer(directory), fill)
+
+
+def open_pretrained(directory) -> PretrainedFiles:
+    """What `Gemma2CausalLM.from_pretrained` reads: a gemma-keras model directory, or a
+    Hugging Face Gemma 2 directory (config.json + safetensors), converted in memory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    if not is_model_dir(directory) and any(directory.glob("*.safetensors")):
+        return open_hf_checkpoint(directory)
+    return open_model_dir(directory)

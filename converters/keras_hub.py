@@ -19,27 +19,28 @@ import dataclasses
 import gc
 import json
 import shutil
-import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import keras
 import numpy as np
+from tqdm.auto import tqdm
 
-from gemma_keras.converters.convert import ConversionSummary
 from gemma_keras.atomic_files import atomic_directory
-from gemma_keras.converters.files import TOKENIZER_NAME, attach_tokenizer
+from gemma_keras.causal_lm import Gemma2CausalLM
+from gemma_keras.converters.convert import ConversionSummary
 from gemma_keras.converters.keras_dir import (MAX_SHARD_BYTES, METADATA_NAME, is_model_dir,
                                               read_metadata, weights_summary, write_model_dir)
 from gemma_keras.converters.keras_hub_config import (CONFIG_NAME, from_hub_config,
                                                      read_preset_config, to_hub_config)
 from gemma_keras.converters.keras_hub_layout import (EMBEDDING, HubTensor, Layout,
                                                      WeightsFile, hub_tensors)
-from gemma_keras.converters.safetensors_io import CheckpointError
-from gemma_keras.converters.streaming import (_numpy_dtype, assign_rows, empty_causal_lm,
-                                              rows_per_block, variable_rows)
+from gemma_keras.converters.safetensors_io import CheckpointError, numpy_dtype
+from gemma_keras.converters.keras_hub_preset import scaffold_preset, write_weights
+from gemma_keras.converters.streaming import (assign_rows, rows_per_block,
+                                              variable_rows, zeros_initializers)
 from gemma_keras.converters.weight_map import weight_specs
+from gemma_keras.tokenizer import GemmaTokenizer
 
 WEIGHTS_NAME = "model.weights.h5"
 SHARDED_WEIGHTS_NAME = "model.weights.json"
@@ -106,7 +107,7 @@ def from_keras_hub(model, dtype=None):
                         f"{type(backbone).__name__}")
     hub_config = backbone.get_config()
     config, notes = from_hub_config(hub_config, source=f"{type(backbone).__name__} config")
-    out = empty_causal_lm(config, dtype=dtype or backbone.dtype_policy.name)
+    out = Gemma2CausalLM.empty(config, dtype=dtype or backbone.dtype_policy.name)
     layers = _hub_layers(backbone)
     variables = _gemma_keras_variables(out)
     for tensor in hub_tensors(config):
@@ -117,24 +118,12 @@ def from_keras_hub(model, dtype=None):
     out.keras_hub_notes = notes
     setattr(out, ORIGIN_KEY, {"backbone": hub_config,
                               "sequence_length": getattr(preprocessor, "sequence_length", None)})
-    tokenizer = getattr(preprocessor, "tokenizer", None)
-    proto = getattr(tokenizer, "proto", None)
-    if proto is not None:
-        _attach_proto(out, proto)
-    return out
-
-
-def _attach_proto(model, proto):
-    """Attach a SentencePiece proto (bytes or a path) as `model.tokenizer`, through a private
-    directory that lives as long as the model."""
-    directory = tempfile.mkdtemp(prefix="gemma_keras_tokenizer_")
-    weakref.finalize(model, shutil.rmtree, directory, True)
-    path = Path(directory) / TOKENIZER_NAME
+    proto = getattr(getattr(preprocessor, "tokenizer", None), "proto", None)
     if isinstance(proto, (bytes, bytearray)):
-        path.write_bytes(bytes(proto))
-    else:
-        shutil.copyfile(proto, path)
-    attach_tokenizer(model, directory)
+        out.tokenizer = GemmaTokenizer.from_proto(proto, name="the keras-hub preprocessor")
+    elif proto is not None:
+        out.tokenizer = GemmaTokenizer(proto)
+    return out
 
 
 def _origin(model) -> dict:
@@ -150,16 +139,16 @@ def _hub_arrays(model, tensors, factor, dtype):
     """Yield `(tensor, rows source)` for every keras-hub tensor: the embedding as a function
     of (start, stop) so that it moves in blocks, the others as whole arrays."""
     variables = _gemma_keras_variables(model)
-    numpy_dtype = _numpy_dtype(dtype)
+    stored_dtype = numpy_dtype(dtype)
     for tensor in tensors:
         variable = variables[tensor.hf_name]
         if tensor.layer == EMBEDDING:
-            yield tensor, lambda a, b, v=variable: variable_rows(v, a, b).astype(numpy_dtype)
+            yield tensor, lambda a, b, v=variable: variable_rows(v, a, b).astype(stored_dtype)
             continue
         array = keras.ops.convert_to_numpy(variable.value)
         if factor != 1.0 and tensor.layer.endswith("attention/query"):
             array = array.astype("float32") * np.float32(factor)
-        yield tensor, tensor.to_keras_hub(array).astype(numpy_dtype)
+        yield tensor, tensor.to_keras_hub(array).astype(stored_dtype)
 
 
 def to_keras_hub(model, dtype=None):
@@ -170,8 +159,6 @@ def to_keras_hub(model, dtype=None):
     cannot express is folded into the query kernel (see `keras_hub_config.to_hub_config`).
     """
     from keras_hub.models import GemmaBackbone, GemmaCausalLM
-
-    from gemma_keras.converters.streaming import zeros_initializers
 
     hub, factor, notes = _hub_backbone_config(model, dtype)
     dtype = hub["dtype"]["config"]["name"]
@@ -192,15 +179,15 @@ def to_keras_hub(model, dtype=None):
 def hub_preprocessor(model):
     """A keras-hub `GemmaCausalLMPreprocessor` of `model.tokenizer` (None without one), with
     the sequence length of the keras-hub model it came from, if any."""
-    from keras_hub.models import GemmaCausalLMPreprocessor, GemmaTokenizer
+    from keras_hub.models import GemmaCausalLMPreprocessor
+    from keras_hub.models import GemmaTokenizer as HubGemmaTokenizer
 
-    path = getattr(getattr(model, "tokenizer", None), "proto_path", None)
-    if path is None:
+    if model.tokenizer is None:
         return None
     length = _origin(model).get("sequence_length")
     kwargs = {} if length is None else {"sequence_length": length}
-    return GemmaCausalLMPreprocessor(GemmaTokenizer(proto=str(path), name="gemma_tokenizer"),
-                                     name="gemma_causal_lm_preprocessor", **kwargs)
+    tokenizer = HubGemmaTokenizer(proto=model.tokenizer.proto, name="gemma_tokenizer")
+    return GemmaCausalLMPreprocessor(tokenizer, name="gemma_causal_lm_preprocessor", **kwargs)
 
 
 # ----------------------------------------------------------------------- preset directories
@@ -221,8 +208,6 @@ def _check_tokenizer(src: Path):
 
 
 def _fill_from_weights(model, weights: WeightsFile, tensors, progress):
-    from tqdm.auto import tqdm
-
     variables = _gemma_keras_variables(model)
     for tensor in tqdm(tensors, desc="keras-hub -> Keras", unit="tensor", disable=not progress):
         variable = variables[tensor.hf_name]
@@ -253,7 +238,7 @@ def convert_keras_hub_to_keras(src, out_dir, dtype=None, overwrite=False,
     tensors = hub_tensors(config)
     with WeightsFile(_preset_weights(src)) as weights:
         weights.check(tensors)
-        model = empty_causal_lm(config, dtype=dtype or weights.float_dtype(EMBEDDING))
+        model = Gemma2CausalLM.empty(config, dtype=dtype or weights.float_dtype(EMBEDDING))
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             _fill_from_weights(model, weights, tensors, progress)
             metadata = write_model_dir(model, tmp, source=src.resolve(),
@@ -281,11 +266,9 @@ def convert_keras_to_keras_hub(src, out_dir, dtype=None, overwrite=False, progre
     keras-hub preset directory that `keras_hub.models.GemmaCausalLM.from_preset` loads
     (tokenizer included when the source has one). Weights are written one tensor at a time;
     `dtype` defaults to the saved one."""
-    from gemma_keras import pretrained
-
     start = time.perf_counter()
     src = Path(src)
-    model = pretrained.load(src)
+    model = Gemma2CausalLM.from_pretrained(src)
     if is_model_dir(src):
         setattr(model, ORIGIN_KEY, read_metadata(src).get(ORIGIN_KEY))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -308,8 +291,6 @@ def write_preset(model, directory, dtype=None, progress=False):
     that model's file layout, with each real tensor written as it is converted.
     Returns `(backbone config, notes, bytes of weights)`.
     """
-    from gemma_keras.converters.keras_hub_preset import scaffold_preset, write_weights
-
     hub, factor, notes = _hub_backbone_config(model, dtype)
     directory = Path(directory)
     scaffold = scaffold_preset(hub, hub_preprocessor(model), directory)

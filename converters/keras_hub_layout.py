@@ -18,6 +18,8 @@ import enum
 import json
 from pathlib import Path
 
+import h5py
+import ml_dtypes
 import numpy as np
 
 from gemma_keras.converters.safetensors_io import CheckpointError
@@ -120,8 +122,6 @@ class WeightsFile:
     """
 
     def __init__(self, path):
-        import h5py
-
         self.path = Path(path)
         files = self._shards()
         self._files = []
@@ -179,8 +179,6 @@ class WeightsFile:
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read {tensor.layer} ({e})") from None
         if dataset.attrs.get("dtype") == "bfloat16":
-            import ml_dtypes
-
             array = array.view(ml_dtypes.bfloat16)
         return array
 

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
+from gemma_keras.converters.keras_hub_config import from_hub_config
 from gemma_keras.converters.keras_hub_layout import WeightsFile
+from gemma_keras.converters.streaming import rows_per_block
 
 _WEIGHTS = "model.weights.h5"
 _TINY = dict(vocabulary_size=4, hidden_dim=2, intermediate_dim=2, head_dim=2,
@@ -59,8 +62,6 @@ def _with_sizes(name: str, data: dict, hub: dict) -> dict:
     elif name == "task.json":
         data["config"]["backbone"]["config"] = hub
     else:  # metadata.json
-        from gemma_keras.converters.keras_hub_config import from_hub_config
-
         data["parameter_count"] = from_hub_config(hub)[0].num_parameters()
     return data
 
@@ -68,10 +69,6 @@ def _with_sizes(name: str, data: dict, hub: dict) -> dict:
 def write_weights(scaffold_weights, out_path, arrays, progress=False) -> int:
     """Write a Keras weights file laid out as `scaffold_weights`, each tensor from `arrays`
     (`(HubTensor, array or rows(start, stop) function)` pairs); return the bytes written."""
-    from tqdm.auto import tqdm
-
-    from gemma_keras.converters.streaming import rows_per_block
-
     total = 0
     with WeightsFile(scaffold_weights) as layout, h5py.File(scaffold_weights, "r") as src, \
             h5py.File(out_path, "w") as out:

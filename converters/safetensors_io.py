@@ -16,7 +16,9 @@ import struct
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -99,8 +101,6 @@ class SafetensorsCheckpoint:
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """The tensor `name` (or the block `rows` of its first axis) as a numpy array."""
-        from safetensors import safe_open
-
         path = self.files[name]
         try:
             with safe_open(str(path), framework="numpy") as f:
@@ -118,8 +118,6 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16":
 def _read_header(path: Path) -> dict[str, tuple[tuple, str]]:
     """{name: (shape, dtype code)} of one file. safetensors checks the header and that the
     file holds all the bytes it promises (a truncated file fails here)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="numpy") as f:
             slices = {name: f.get_slice(name) for name in f.keys()}
@@ -161,7 +159,7 @@ def write_safetensors(path, entries: list[TensorEntry], metadata=None, on_tensor
         for e in entries:
             written = 0
             for block in e.blocks():
-                block = np.ascontiguousarray(block, dtype=_numpy_dtype(e.dtype))
+                block = np.ascontiguousarray(block, dtype=numpy_dtype(e.dtype))
                 f.write(memoryview(block.reshape(-1).view(np.uint8)))
                 written += block.nbytes
             if written != e.nbytes:
@@ -170,10 +168,9 @@ def write_safetensors(path, entries: list[TensorEntry], metadata=None, on_tensor
                 on_tensor(e)
 
 
-def _numpy_dtype(name: str):
+def numpy_dtype(name: str):
+    """The NumPy dtype of a dtype name ("bfloat16" is `ml_dtypes.bfloat16`)."""
     if name == "bfloat16":
-        import ml_dtypes
-
         return ml_dtypes.bfloat16
     return np.dtype(name)
 

@@ -1,8 +1,9 @@
 """Moving weights into and out of Keras variables without holding a model twice.
 
-- `empty_causal_lm(config, dtype)` builds a `Gemma2CausalLM` whose variables start as zeros
-  instead of running their random initializers (at 2B in bfloat16 the random initializers take
-  minutes and a float32 temporary per tensor; zeros take a second and no temporary).
+- `zeros_initializers()`: layers built inside it start their variables at zeros instead of
+  running their random initializers (at 2B in bfloat16 the random initializers take minutes
+  and a float32 temporary per tensor; zeros take a second and no temporary).
+  `Gemma2CausalLM.empty(config, dtype)` builds a model to be filled that way.
 - `assign_rows(variable, start, rows)` writes a block of rows into a variable in place (on the
   TensorFlow backend, a row scatter; `variable.assign` of a whole 1.2 GB embedding makes two
   temporary copies).
@@ -16,6 +17,8 @@ import inspect
 
 import keras
 import numpy as np
+
+from gemma_keras.converters.safetensors_io import numpy_dtype
 
 # Rows per block when streaming a large tensor: the 256000 x 2304 embedding moves in blocks of
 # about 64 MB (bfloat16) instead of one 1.2 GB piece.
@@ -45,17 +48,9 @@ def zeros_initializers():
         keras.layers.Layer.add_weight = original
 
 
-def empty_causal_lm(config, dtype=None):
-    """A `Gemma2CausalLM` of `config` with zero weights, ready to be filled."""
-    from gemma_keras.causal_lm import Gemma2CausalLM
-
-    with zeros_initializers():
-        return Gemma2CausalLM(config, dtype=dtype)
-
-
 def assign_rows(variable, start: int, rows: np.ndarray):
     """Write `rows` into `variable[start : start + len(rows)]` in place."""
-    rows = np.asarray(rows, dtype=_numpy_dtype(variable.dtype))
+    rows = np.asarray(rows, dtype=numpy_dtype(keras.backend.standardize_dtype(variable.dtype)))
     if start == 0 and rows.shape[0] == variable.shape[0]:
         variable.assign(rows)
     elif keras.backend.backend() == "tensorflow":
@@ -71,12 +66,3 @@ def assign_rows(variable, start: int, rows: np.ndarray):
 def variable_rows(variable, start: int, stop: int) -> np.ndarray:
     """`variable[start:stop]` as a numpy array (only those rows are copied)."""
     return keras.ops.convert_to_numpy(variable.value[start:stop])
-
-
-def _numpy_dtype(dtype):
-    name = keras.backend.standardize_dtype(dtype)
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)

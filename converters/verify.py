@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from gemma_keras.config import Gemma2Config
+from gemma_keras.converters.keras_dir import read_metadata
+from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint, numpy_dtype
+from gemma_keras.pretrained import load_hf_checkpoint, load_model_dir
 
 DEFAULT_ATOL = 1e-2  # float32 noise is ~1e-5; a wrong layout is off by whole units
 
@@ -46,16 +49,12 @@ def verify_input(vocab_size, length=16, seed=0) -> np.ndarray:
 
 
 def _round(array: np.ndarray, dtypes) -> np.ndarray:
-    from gemma_keras.converters.streaming import _numpy_dtype
-
     for dtype in dtypes:
-        array = array.astype(_numpy_dtype(dtype)).astype(np.float32)
+        array = array.astype(numpy_dtype(dtype)).astype(np.float32)
     return array
 
 
 def keras_logits(keras_dir, ids, round_to=()) -> np.ndarray:
-    from gemma_keras.converters.keras_dir import load_model_dir
-
     model = load_model_dir(keras_dir, dtype="float32")
     if round_to:
         for w in model.weights:
@@ -72,8 +71,6 @@ def reference_logits(hf_dir, ids, round_to=()) -> tuple[np.ndarray, str]:
         import torch
         import transformers
     except ImportError:
-        from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
-
         model = load_hf_checkpoint(hf_dir, dtype="float32")
         if round_to:
             for w in model.weights:
@@ -94,9 +91,6 @@ def reference_logits(hf_dir, ids, round_to=()) -> tuple[np.ndarray, str]:
 
 def verify_conversion(keras_dir, hf_dir, atol=DEFAULT_ATOL, length=16) -> VerifyResult:
     """Compare a gemma-keras directory with a Hugging Face directory on one short input."""
-    from gemma_keras.converters.keras_dir import read_metadata
-    from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
-
     keras_dtype = read_metadata(keras_dir)["dtype"]
     hf_dtype = SafetensorsCheckpoint(hf_dir).float_dtype("model.embed_tokens.weight")
     round_to = sorted({keras_dtype, hf_dtype} - {"float32"})

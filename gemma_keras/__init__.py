@@ -4,7 +4,7 @@ Public names are resolved lazily (PEP 562) so that `import gemma_keras.tflite` d
 in Keras or TensorFlow.
 """
 
-import importlib
+from gemma_keras.lazy_names import lazy_names
 
 __version__ = "0.1.0"
 
@@ -18,22 +18,13 @@ _EXPORTS = {
     "Gemma2DecoderBlock": "gemma_keras.decoder_block",
     "RMSNorm": "gemma_keras.layers",
     "GemmaTokenizer": "gemma_keras.tokenizer",
-    "load_hf_checkpoint": "gemma_keras.converters",
-    "save_hf_checkpoint": "gemma_keras.converters",
+    "load_hf_checkpoint": "gemma_keras.pretrained",
+    "load_model": "gemma_keras.pretrained",
+    "save_hf_checkpoint": "gemma_keras.converters.hf_export",
     "export_saved_model": "gemma_keras.saved_model",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gemma_keras' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -11,6 +11,7 @@ from gemma_keras.attention import attention_masks
 from gemma_keras.config import Gemma2Config
 from gemma_keras.decoder_block import Gemma2DecoderBlock
 from gemma_keras.layers import _PACKAGE, RMSNorm, TiedEmbedding
+from gemma_keras.quantization import policy_map
 
 
 def as_config(config) -> Gemma2Config:
@@ -170,8 +171,6 @@ class Gemma2Backbone(keras.Model):
     def get_config(self):
         """The config, and the quantized layers' policies by path (as keras-hub saves them) so
         that loading builds those layers quantized."""
-        from gemma_keras.quantization import policy_map
-
         config = {**super().get_config(), "config": self.config.to_dict()}
         quantized = policy_map(self)
         if quantized is not None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 from keras import ops
 
+from gemma_keras import generation, lora, quantization, training
 from gemma_keras.backbone import Gemma2Backbone
+from gemma_keras.converters.files import TOKENIZER_NAME
+from gemma_keras.converters.keras_dir import open_pretrained
+from gemma_keras.converters.streaming import zeros_initializers
 from gemma_keras.layers import _PACKAGE, soft_cap
+from gemma_keras.tokenizer import GemmaTokenizer
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -18,6 +25,10 @@ class Gemma2CausalLM(keras.Model):
     Called on `{"token_ids": int [B, T], "padding_mask": [B, T]}` it returns float32 logits
     [B, T, vocab]: the hidden states projected on the tied embedding, then soft-capped.
 
+    `model.tokenizer` is the `GemmaTokenizer` that travels with the model (None without one):
+    `from_pretrained` sets it from the directory's tokenizer.model, and `model.save("x.keras")`
+    stores it in the file's assets, so that `keras.saving.load_model` restores it.
+
     Example:
     >>> lm = Gemma2CausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
@@ -26,13 +37,20 @@ class Gemma2CausalLM(keras.Model):
     (1, 2, 64)
     """
 
-    def __init__(self, backbone, dtype=None, **kwargs):
+    def __init__(self, backbone, dtype=None, tokenizer=None, **kwargs):
         if not isinstance(backbone, Gemma2Backbone):
             backbone = Gemma2Backbone(backbone, dtype=dtype)
         super().__init__(dtype=backbone.dtype_policy, **kwargs)
         self.backbone = backbone
-        self.tokenizer = None  # attached by from_pretrained / the converters
+        self.tokenizer = tokenizer
         self.built = True
+
+    @classmethod
+    def empty(cls, config, dtype=None, tokenizer=None):
+        """A model of `config` whose weights are zeros, ready to be filled (no random
+        initializers run: at 2B they take minutes)."""
+        with zeros_initializers():
+            return cls(config, dtype=dtype, tokenizer=tokenizer)
 
     @property
     def config(self):
@@ -52,22 +70,16 @@ class Gemma2CausalLM(keras.Model):
     # ------------------------------------------------------------ generation
     def generate(self, prompts, **kwargs):
         """Generate text or token ids; see `gemma_keras.generation.generate`."""
-        from gemma_keras import generation
-
         return generation.generate(self, prompts, **kwargs)
 
     def stream(self, prompt, **kwargs):
         """Yield generated pieces as they are produced; see `gemma_keras.generation.stream`."""
-        from gemma_keras import generation
-
         return generation.stream(self, prompt, **kwargs)
 
     # ------------------------------------------------------------- training
     def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
         """Keras `compile` with Gemma defaults for every "auto" argument (AdamW, masked
         sparse cross-entropy on logits, masked accuracy); see `gemma_keras.training`."""
-        from gemma_keras import training
-
         optimizer, loss, weighted_metrics = training.default_compile_args(
             self, optimizer, loss, weighted_metrics
         )
@@ -76,34 +88,61 @@ class Gemma2CausalLM(keras.Model):
 
     def enable_lora(self, rank, alpha=None, targets=None):
         """Add LoRA adapters and freeze everything else; see `gemma_keras.lora`."""
-        from gemma_keras import lora
-
         return lora.enable_lora(self, rank, alpha=alpha, targets=targets)
 
     def merge_lora(self):
-        """Fold the LoRA adapters into the base weights; see `gemma_keras.lora`."""
-        from gemma_keras import lora
-
-        return lora.merge_lora(self)
+        """Fold the LoRA adapters into the base weights and make the model a plain float
+        Gemma 2 again (a quantized one is dequantized); see `gemma_keras.lora`."""
+        if not lora.has_lora(self):
+            raise ValueError("merge_lora: the model has no LoRA adapters")
+        quantization.dequantize(self)
+        return lora.merge_adapters(self)
 
     # --------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, directory, dtype=None):
-        """Load a `gemma-keras convert` directory, tokenizer attached; see
-        `gemma_keras.pretrained`."""
-        from gemma_keras import pretrained
+    def from_pretrained(cls, directory, dtype=None, progress=False):
+        """Load a `gemma-keras convert` directory (or a Hugging Face Gemma 2 directory,
+        converted in memory), its tokenizer.model as `model.tokenizer`.
 
-        return pretrained.load(directory, dtype=dtype)
+        `dtype` is the Keras dtype policy (default: the dtype the weights were saved in;
+        float32 for a Hugging Face directory).
+
+        Example:
+        >>> model = Gemma2CausalLM.from_pretrained("gemma2-2b-keras")
+        >>> model.tokenizer.decode(model.tokenizer.encode("hello"))
+        'hello'
+        """
+        return cls.from_files(open_pretrained(directory), dtype=dtype, progress=progress)
+
+    @classmethod
+    def from_files(cls, files, dtype=None, progress=False):
+        """Build a model from opened `PretrainedFiles` (`gemma_keras.converters.files`) and
+        stream its weights in."""
+        model = cls.empty(files.config, dtype=dtype or files.dtype, tokenizer=files.tokenizer)
+        files.fill(model, progress=progress)
+        return model
+
+    # ------------------------------------------------------------ saving
+    def save_assets(self, dir_path):
+        """Keras' saving hook: `model.save("x.keras")` stores the tokenizer as an asset."""
+        if self.tokenizer is not None:
+            self.tokenizer.save_proto(os.path.join(dir_path, TOKENIZER_NAME))
+
+    def load_assets(self, dir_path):
+        """Keras' loading hook: the tokenizer saved by `save_assets` travels back."""
+        path = os.path.join(dir_path, TOKENIZER_NAME)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                self.tokenizer = GemmaTokenizer.from_proto(
+                    f.read(), name=f"{TOKENIZER_NAME} (saved with the model)")
 
     def get_config(self):
         """The backbone, and the LoRA adapters' shape when enabled (so that a `.keras` file
         saved mid-fine-tune reloads with its adapters, and the base weights frozen)."""
-        from gemma_keras import lora
-
         base = super().get_config()
         base.pop("dtype", None)
         config = {**base, "backbone": keras.saving.serialize_keras_object(self.backbone)}
-        if lora.enabled_lora_layers(self):
+        if lora.has_lora(self):
             config["lora"] = lora.lora_spec(self)
         return config
 

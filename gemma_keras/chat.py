@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gemma_keras import defaults
 from gemma_keras.decoding import check_positive_int
+from gemma_keras.tokenizer import tokenizer_of
 
 
 class ChatSession:
@@ -27,8 +28,7 @@ class ChatSession:
     """
 
     def __init__(self, model, max_new_tokens=None, limit=None, seed=None, **sampling):
-        if model.tokenizer is None:
-            raise ValueError("chat needs a model with a tokenizer")
+        tokenizer_of(model, "chat")
         self.model = model
         if limit is None:
             limit = getattr(model, "cache_len", None) or model.config.max_position_embeddings

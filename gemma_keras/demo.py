@@ -4,30 +4,34 @@
 2. generate answers to its own task (reversing word lists);
 3. LoRA-fine-tune it on a task it has never seen ("repeat" the words) and show the held-out
    exact-match accuracy before and after; merge the adapters and save the model;
-4. export hooks: TFLite and SavedModel, run on the same prompts, when those modules exist.
+4. export to TFLite and to a SavedModel, and answer the same prompts with each.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
 
+import keras
+
 from gemma_keras import tiny_task
+from gemma_keras.causal_lm import Gemma2CausalLM
+from gemma_keras.converters.convert import convert_hf_to_keras
+from gemma_keras.converters.keras_dir import save_model_dir
+from gemma_keras.data import encode_records
+from gemma_keras.lora import save_lora_weights
+from gemma_keras.saved_model import export_saved_model
+from gemma_keras.tflite.export import export_tflite
+from gemma_keras.tflite.native_log import stderr_captured
+from gemma_keras.tflite.runtime import GemmaTFLite
+from gemma_keras.training import adamw
 
 DEMO_PROMPTS = ["reverse: red fish blue fish", "reverse: king queen star",
                 "reverse: one two six ten up"]
 NEW_TASK = "repeat"
 NEW_TASK_PROMPTS = ["repeat: red fish blue fish", "repeat: king queen star",
                     "repeat: one two six ten up"]
-
-
-def _module_exists(name) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 class _Report:
@@ -46,14 +50,6 @@ def run_demo(workdir=None, lora_rank=8, lora_steps=256, exports=True, echo=print
              seed=0) -> dict:
     """Run the demo, printing as it goes; return the numbers it showed. `seed` sets the
     initial LoRA weights and dropout (benchmarks/demo_robustness.py varies it)."""
-    import keras
-
-    from gemma_keras.causal_lm import Gemma2CausalLM
-    from gemma_keras.converters.convert import convert_hf_to_keras
-    from gemma_keras.data import encode_records
-    from gemma_keras.lora import save_lora_weights
-    from gemma_keras.training import adamw
-
     keras.utils.set_random_seed(seed)
     report = _Report(echo)
     work = Path(workdir or tempfile.mkdtemp(prefix="gemma-keras-demo-"))
@@ -101,10 +97,7 @@ def run_demo(workdir=None, lora_rank=8, lora_steps=256, exports=True, echo=print
     report.answers(shown, answers)
     echo(f"  exact match on {len(held_out)} held-out {NEW_TASK!r} prompts: "
          f"{result['before']:.0%} before -> {result['after']:.0%} after")
-    from gemma_keras.converters.keras_dir import save_model_dir
-
-    save_model_dir(model, work / "tiny-repeat", tokenizer_path=model.tokenizer.proto_path,
-                   overwrite=True)
+    save_model_dir(model, work / "tiny-repeat", overwrite=True)
     echo(f"  adapter: {result['adapter']}; merged model: {work / 'tiny-repeat'}")
 
     if exports:
@@ -124,44 +117,32 @@ def _answer_and_score(model, shown_prompts, examples):
 
 
 def _exports(model, work, report) -> dict:
-    """Export hooks: each runs only when its module is present and Keras runs on TensorFlow."""
-    import keras
-
+    """Export to TFLite and to a SavedModel (Keras on TensorFlow only) and answer with each."""
     out = {}
     if keras.backend.backend() != "tensorflow":
         report.echo("  (exports need the TensorFlow backend; skipped)")
         return out
     prompts = tiny_task.chat_prompts(model.tokenizer, NEW_TASK_PROMPTS)
-    tokenizer_path = model.tokenizer.proto_path
+    tokenizer_path = model.tokenizer.save_proto(work / "tokenizer.model")
 
-    # ---- export hook: TFLite (gemma_keras.tflite.export_tflite + GemmaTFLite runtime) ----
-    if _module_exists("gemma_keras.tflite.export") and _module_exists("gemma_keras.tflite.runtime"):
-        from gemma_keras.tflite import export_tflite
-        from gemma_keras.tflite.runtime import GemmaTFLite
+    report.section("4a. Export to TFLite (dynamic int8) and answer with the LiteRT runtime")
+    path = export_tflite(model, work / "tiny-repeat.tflite", quantize="dynamic_int8",
+                         kv_cache_max_len=64, prefill_lens=(32,), progress=False)
+    runtime = GemmaTFLite(path, tokenizer_path=tokenizer_path)
+    answers = [runtime.generate(p, max_new_tokens=tiny_task.MAX_NEW_TOKENS) for p in prompts]
+    report.answers(NEW_TASK_PROMPTS, answers)
+    out["tflite"] = {"path": str(path), "answers": answers}
 
-        report.section("4a. Export to TFLite (dynamic int8) and answer with the LiteRT runtime")
-        path = export_tflite(model, work / "tiny-repeat.tflite", quantize="dynamic_int8",
-                             kv_cache_max_len=64, prefill_lens=(32,), progress=False)
-        runtime = GemmaTFLite(path, tokenizer_path=tokenizer_path)
-        answers = [runtime.generate(p, max_new_tokens=tiny_task.MAX_NEW_TOKENS) for p in prompts]
-        report.answers(NEW_TASK_PROMPTS, answers)
-        out["tflite"] = {"path": str(path), "answers": answers}
+    import tensorflow as tf  # the TensorFlow backend runs here already
 
-    # ---- export hook: SavedModel for TF Serving (gemma_keras.saved_model) ----
-    if _module_exists("gemma_keras.saved_model"):
-        import tensorflow as tf
-
-        from gemma_keras.saved_model import export_saved_model
-        from gemma_keras.tflite.native_log import stderr_captured
-
-        report.section("4b. Export a SavedModel for TF Serving and answer with it")
-        # (tf-text's SentencePiece op logs "precompiled_charsmap is empty" as it loads)
-        with stderr_captured():
-            path = export_saved_model(model, work / "serving", max_length=64,
-                                      max_new_tokens=tiny_task.MAX_NEW_TOKENS)
-            served = tf.saved_model.load(str(path))
-            completions = served.generate(tf.constant(prompts))["completions"].numpy()
-        answers = [c.decode("utf-8") for c in completions]
-        report.answers(NEW_TASK_PROMPTS, answers)
-        out["saved_model"] = {"path": str(path), "answers": answers}
+    report.section("4b. Export a SavedModel for TF Serving and answer with it")
+    # (tf-text's SentencePiece op logs "precompiled_charsmap is empty" as it loads)
+    with stderr_captured():
+        path = export_saved_model(model, work / "serving", max_length=64,
+                                  max_new_tokens=tiny_task.MAX_NEW_TOKENS)
+        served = tf.saved_model.load(str(path))
+        completions = served.generate(tf.constant(prompts))["completions"].numpy()
+    answers = [c.decode("utf-8") for c in completions]
+    report.answers(NEW_TASK_PROMPTS, answers)
+    out["saved_model"] = {"path": str(path), "answers": answers}
     return out

@@ -21,10 +21,17 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import keras
 from keras import ops
 
+from gemma_keras import lora
+from gemma_keras.causal_lm import Gemma2CausalLM
+from gemma_keras.config import Gemma2Config
+from gemma_keras.finetune import load_splits, write_finetuned
 from gemma_keras.layers import _PACKAGE
+from gemma_keras.training import adamw, default_compile_args
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_STUDENT_LOSS_WEIGHT = 0.5
@@ -81,8 +88,6 @@ class GemmaDistiller(keras.distillation.Distiller):
     def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
         """Keras `compile` with Gemma's defaults for every "auto" argument: AdamW for the
         student (`gemma_keras.training.adamw`), masked cross-entropy, masked accuracy."""
-        from gemma_keras.training import default_compile_args
-
         optimizer, loss, weighted_metrics = default_compile_args(
             self.student, optimizer, loss, weighted_metrics)
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics,
@@ -127,11 +132,6 @@ def _check_pair(teacher, student):
 def load_student(student, teacher, dtype=None):
     """The student: a model directory (loaded), a config.json path, or a `Gemma2Config` /
     dict (randomly initialised); it takes the teacher's tokenizer."""
-    import os
-
-    from gemma_keras.causal_lm import Gemma2CausalLM
-    from gemma_keras.config import Gemma2Config
-
     if isinstance(student, (str, os.PathLike)) and os.path.isdir(student):
         model = Gemma2CausalLM.from_pretrained(student, dtype=dtype)
     else:
@@ -156,15 +156,9 @@ def distill(teacher_dir, student, data_path, out_dir, epochs=1, batch_size=8,
     to `out_dir` as a gemma-keras model directory (LoRA adapters, if any, merged).
 
     `student` is a model directory or a config.json (a new, randomly initialised model; its
-    vocabulary must be the teacher's). The data pipeline is `gemma_keras.training.finetune`'s.
+    vocabulary must be the teacher's). The data pipeline is `gemma_keras.finetune.finetune`'s.
     Returns a dict with the per-epoch history and the paths written.
     """
-    import os
-
-    from gemma_keras import lora
-    from gemma_keras.causal_lm import Gemma2CausalLM
-    from gemma_keras.training import adamw, load_splits, write_finetuned
-
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
     keras.utils.set_random_seed(seed)

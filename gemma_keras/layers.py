@@ -5,6 +5,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from gemma_keras import quantization
+from gemma_keras.matmul import matmul_transposed
+
 _PACKAGE = "gemma_keras"
 
 
@@ -31,22 +34,6 @@ def apply_rope(x, positions, theta):
     first, second = ops.split(x, 2, axis=-1)
     rotated = ops.concatenate([-second, first], axis=-1)
     return x * cos + rotated * sin
-
-
-def matmul_transposed(x, w):
-    """`x @ w.T` for `x` [..., in] and `w` [out, in], without materialising `w.T`.
-
-    On TensorFlow this is one 2-D `MatMul(transpose_b=True)`, which XLA, oneDNN and the TFLite
-    converter (FULLY_CONNECTED, whose weights are [out, in]) all take as it is; on JAX the
-    transpose folds into the dot.
-    """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        flat = tf.reshape(x, [-1, x.shape[-1]])
-        y = tf.matmul(flat, w, transpose_b=True)
-        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(w)[:1]], axis=0))
-    return ops.matmul(x, ops.transpose(w))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -87,9 +74,7 @@ class Linear(keras.layers.Layer):
     def kernel(self):
         """The float kernel variable [out, in] (an error once the layer is quantized)."""
         if self.quantization_mode is not None:
-            from gemma_keras.quantization import quantized_error
-
-            raise quantized_error(self, "kernel")
+            raise quantization.quantized_error(self, "kernel")
         return self._kernel
 
     def call(self, x):
@@ -123,8 +108,6 @@ class Linear(keras.layers.Layer):
         """The kernel [out, in] as a float32 NumPy array (dequantized if quantized)."""
         if self.quantization_mode is None:
             return ops.convert_to_numpy(self.kernel).astype("float32")
-        from gemma_keras import quantization
-
         q = quantization.unpack(self._kernel, self.quantization_mode, self.input_dim)
         return quantization.dequantize_rows(ops.convert_to_numpy(q),
                                             ops.convert_to_numpy(self.kernel_scale))
@@ -159,8 +142,6 @@ class Linear(keras.layers.Layer):
     # ------------------------------------------------------------ quantization
     def quantize(self, mode=None, type_check=True, config=None):
         """Store the kernel as `mode` integers, one scale per output row (Keras' hook)."""
-        from gemma_keras import quantization
-
         quantization.check_mode(self, mode, config)
         q, scale = quantization.quantize_rows(self._kernel, mode, config)
         self._remove("_kernel")
@@ -170,8 +151,6 @@ class Linear(keras.layers.Layer):
         self.dtype_policy = quantization.quantized_policy(self, mode)
 
     def quantized_build(self, kernel_shape, mode, config=None):
-        from gemma_keras import quantization
-
         quantization.check_mode(self, mode, config)
         out_dim, in_dim = kernel_shape
         stored_cols = in_dim if mode == "int8" else (in_dim + 1) // 2
@@ -183,8 +162,6 @@ class Linear(keras.layers.Layer):
         self._is_quantized = True
 
     def _quantized_call(self, x):
-        from gemma_keras import quantization
-
         q = quantization.unpack(self._kernel, self.quantization_mode, self.input_dim)
         y = quantization.quantized_matmul_transposed(x, q, self.kernel_scale,
                                                      self.inputs_quantizer)
@@ -194,8 +171,6 @@ class Linear(keras.layers.Layer):
 
     def dequantize(self, trainable=True):
         """Replace the quantized kernel by a float one holding `q / scale`."""
-        from gemma_keras import quantization
-
         values = self.float_kernel()
         policy = quantization.source_policy(self)
         self._tracker.unlock()
@@ -250,9 +225,7 @@ class TiedEmbedding(keras.layers.Embedding):
     def embeddings(self):
         """The float embedding variable [vocab, hidden] (an error once quantized)."""
         if self.built and self.quantization_mode is not None:
-            from gemma_keras.quantization import quantized_error
-
-            raise quantized_error(self, "embedding")
+            raise quantization.quantized_error(self, "embedding")
         return super().embeddings
 
     def attend(self, x):
@@ -260,22 +233,16 @@ class TiedEmbedding(keras.layers.Embedding):
         mode = self.quantization_mode
         if mode is None:
             return matmul_transposed(x, ops.cast(self.embeddings, x.dtype))
-        from gemma_keras import quantization
-
         q = quantization.unpack(self._embeddings, mode, self.output_dim)
         return quantization.quantized_matmul_transposed(x, q, self.embeddings_scale,
                                                         self.inputs_quantizer)
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Keras' `Embedding.quantize`, per vocabulary row (Keras' hook)."""
-        from gemma_keras import quantization
-
         quantization.check_mode(self, mode, config)
         super().quantize(mode, type_check=False, config=config)
 
     def quantized_build(self, embeddings_shape, mode, config=None):
-        from gemma_keras import quantization
-
         quantization.check_mode(self, mode, config)
         super().quantized_build(embeddings_shape, mode, config)
         self.inputs_quantizer = quantization.activation_quantizer(config, mode)
@@ -289,8 +256,6 @@ class TiedEmbedding(keras.layers.Embedding):
 
     def dequantize(self, trainable=True):
         """Replace the quantized matrix by a float one holding `q / scale`."""
-        from gemma_keras import quantization
-
         q = quantization.unpack(self._embeddings, self.quantization_mode, self.output_dim)
         values = quantization.dequantize_rows(ops.convert_to_numpy(q),
                                               ops.convert_to_numpy(self.embeddings_scale))

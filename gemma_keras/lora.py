@@ -5,8 +5,9 @@ zero; `gemma_keras.layers.Linear.enable_lora`) to each targeted projection, so t
 computes `x @ W.T + alpha / rank * (x @ A.T) @ B.T`, and freezes every other weight. The
 adapters save on their own, in PEFT's names and layout
 (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), so a file holds only the
-adapters. `merge_lora(model)` folds them into the base kernels, after
-which the model is a plain Gemma 2 again (and the converters export the merged weights).
+adapters. `merge_adapters(model)` folds them into the base kernels (`model.merge_lora()` also
+dequantizes a quantized model), after which the model is a plain Gemma 2 again (and the
+converters export the merged weights). `has_lora(model)` is the one test for adapters.
 
 Example:
 >>> model.enable_lora(rank=8)                     # q, k, v, o projections
@@ -22,7 +23,10 @@ import json
 import os
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from gemma_keras.atomic_files import atomic_file, write_atomically
 from gemma_keras.converters.weight_map import BLOCK_TENSORS
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -83,6 +87,11 @@ def enabled_lora_layers(model):
     return [(n, layer) for n, layer in lora_layers(model, "all") if layer.lora_enabled]
 
 
+def has_lora(model) -> bool:
+    """True if any projection of `model` carries LoRA adapters: the package's one test."""
+    return any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers())
+
+
 def lora_targets(model) -> tuple[str, ...]:
     return tuple(sorted({n.split(".")[-1] for n, _ in enabled_lora_layers(model)},
                         key=ALL_TARGETS.index))
@@ -105,7 +114,7 @@ def enable_lora(model, rank, alpha=None, targets=None):
     """
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if enabled_lora_layers(model):
+    if has_lora(model):
         raise ValueError("LoRA is already enabled on this model; merge_lora() it first")
     layers = lora_layers(model, targets)
     for variable in model.variables:
@@ -115,16 +124,13 @@ def enable_lora(model, rank, alpha=None, targets=None):
     return model
 
 
-def merge_lora(model):
-    """Fold every adapter into its kernel (`W + alpha / rank * B @ A`, in float32), remove the
-    adapters and make all weights trainable again. A quantized model (`model.quantize`)
-    becomes a float one: every weight is dequantized first. Returns `model`."""
-    from gemma_keras.quantization import dequantize
-
+def merge_adapters(model):
+    """Fold every adapter into its kernel (`W + alpha / rank * B @ A`, in float32; a quantized
+    kernel becomes a float one), remove the adapters and make all weights trainable again.
+    `model.merge_lora()` also dequantizes the layers without adapters. Returns `model`."""
     layers = enabled_lora_layers(model)
     if not layers:
         raise ValueError("merge_lora: the model has no LoRA adapters")
-    dequantize(model)
     for _, layer in layers:
         layer.merge_lora()
     for variable in model.variables:
@@ -153,23 +159,15 @@ def save_lora_weights(model, path) -> str:
     """Save only the adapters: to `path` if it ends in `.safetensors` (config in the file's
     metadata), else into directory `path` as PEFT's adapter_model.safetensors and
     adapter_config.json. Written to a temporary name and renamed. Returns the tensor file."""
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     tensors, config = lora_state(model)
     if path.endswith(".safetensors"):
         target = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     else:
-        os.makedirs(path, exist_ok=True)
         target = os.path.join(path, ADAPTER_FILE)
-        with open(os.path.join(path, ADAPTER_CONFIG) + ".tmp", "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(os.path.join(path, ADAPTER_CONFIG) + ".tmp",
-                   os.path.join(path, ADAPTER_CONFIG))
-    tmp = target + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", "lora_config": json.dumps(config)})
-    os.replace(tmp, target)
+        write_atomically(os.path.join(path, ADAPTER_CONFIG), json.dumps(config, indent=2))
+    with atomic_file(target) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "lora_config": json.dumps(config)})
     return target
 
 
@@ -179,8 +177,6 @@ def load_lora_weights(model, path):
     LoRA is enabled with the file's rank, alpha and targets if the model has no adapters yet;
     otherwise every tensor must match the existing adapters. Returns `model`.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     file = os.path.join(path, ADAPTER_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -196,7 +192,7 @@ def load_lora_weights(model, path):
             raise ValueError(f"{file}: no LoRA config in its metadata and no {ADAPTER_CONFIG}")
         with open(config_path) as c:
             config = json.load(c)
-    if not enabled_lora_layers(model):
+    if not has_lora(model):
         enable_lora(model, int(config["r"]), alpha=config.get("lora_alpha"),
                     targets=list(config["target_modules"]))
     layers = dict(enabled_lora_layers(model))

@@ -27,8 +27,14 @@ Example:
 from __future__ import annotations
 
 import keras
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, for weight_bytes)
 import numpy as np
 from keras import ops
+from keras.dtype_policies import DTypePolicyMap
+from keras.quantizers import AbsMaxQuantizer, QuantizationConfig, pack_int4, unpack_int4
+
+from gemma_keras.lora import has_lora
+from gemma_keras.matmul import matmul_transposed
 
 MODES = ("int8", "int4")
 VALUE_RANGES = {"int8": (-127, 127), "int4": (-8, 7)}
@@ -53,8 +59,6 @@ def check_mode(layer, mode, config=None):
 def quantize_rows(values, mode, config=None):
     """`(q, scale)`: `values` [rows, cols] as integers in the mode's range (int8 dtype,
     unpacked) and one float32 scale per row, `values ~= q / scale[:, None]` (NumPy)."""
-    from keras.quantizers import AbsMaxQuantizer, QuantizationConfig
-
     default = AbsMaxQuantizer(axis=-1, value_range=VALUE_RANGES[mode], output_dtype="int8")
     quantizer = QuantizationConfig.weight_quantizer_or_default(config, default)
     q, scale = quantizer(values, axis=-1, to_numpy=True)  # rows are output channels here
@@ -64,8 +68,6 @@ def quantize_rows(values, mode, config=None):
 def pack(q, mode):
     """The stored form of `q` [rows, cols]: as it is for int8, two values a byte for int4."""
     if mode == "int4":
-        from keras.quantizers import pack_int4
-
         return pack_int4(q, axis=-1)[0]
     return q
 
@@ -73,8 +75,6 @@ def pack(q, mode):
 def unpack(stored, mode, cols):
     """`q` [rows, cols] int8 from its stored form."""
     if mode == "int4":
-        from keras.quantizers import unpack_int4
-
         return unpack_int4(stored, cols, axis=-1)
     return stored
 
@@ -87,21 +87,8 @@ def dequantize_rows(q, scale) -> np.ndarray:
 def activation_quantizer(config, mode):
     """The activations' quantizer: the config's, else Keras' default for `mode` (per-token
     abs-max for int8, none for int4, as Keras' `Dense`)."""
-    from keras.quantizers import AbsMaxQuantizer, QuantizationConfig
-
     default = AbsMaxQuantizer() if mode == "int8" else None
     return QuantizationConfig.activation_quantizer_or_default(config, default)
-
-
-def _int_matmul_transposed(x, q):
-    """`x @ q.T` for int8 `x` [..., in] and `q` [out, in], accumulated in int32."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        flat = tf.reshape(x, [-1, x.shape[-1]])
-        y = tf.matmul(flat, q, transpose_b=True, output_type=tf.int32)
-        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(q)[:1]], axis=0))
-    return ops.matmul(x, ops.transpose(q))
 
 
 def _after(q, tensor):
@@ -126,18 +113,19 @@ def _block_rows(rows, cols):
 
 
 def _blocked_int_product(xq, q):
-    """`_int_matmul_transposed(xq, q)` a block of rows of `q` at a time: TensorFlow's CPU
+    """`xq @ q.T` in int32, a block of rows of `q` at a time: TensorFlow's CPU
     int8 matmul widens its operands first (a 2.4 GB int32 copy of the 2B's embedding)."""
     rows, cols = q.shape
     block = _block_rows(rows, cols)
     if block == rows:
-        return _int_matmul_transposed(xq, q)
+        return matmul_transposed(xq, q, output_type="int32")
     flat = ops.reshape(xq, (-1, cols))
     n = ops.shape(flat)[0]
 
     def body(i, out):
         start = i * block
-        part = _int_matmul_transposed(flat, ops.slice(_after(q, out), (start, 0), (block, cols)))
+        part = matmul_transposed(flat, ops.slice(_after(q, out), (start, 0), (block, cols)),
+                                 output_type="int32")
         return ops.slice_update(out, (0, start), part)
 
     out = ops.fori_loop(0, rows // block, body, ops.zeros((n, rows), "int32"))
@@ -184,8 +172,6 @@ def quantized_matmul_transposed(x, q, scale, inputs_quantizer=None):
             xq, x_scale = inputs_quantizer(x, axis=-1)
             y = ops.cast(_blocked_int_product(xq, q), dtype) / (ops.cast(x_scale, dtype) * scale)
         else:
-            from gemma_keras.layers import matmul_transposed
-
             y = matmul_transposed(x, ops.cast(_after(q, x), dtype)) / scale
         return y, grad
 
@@ -220,8 +206,6 @@ def quantized_policy(layer, mode):
 def policy_map(model):
     """A `DTypePolicyMap` naming each quantized layer's policy by its path (the backbone's
     saved `dtype`, so that loading builds those layers quantized), or None."""
-    from keras.dtype_policies import DTypePolicyMap
-
     layers = quantized_layers(model)
     if not layers:
         return None
@@ -238,8 +222,6 @@ def quantized_dtype(mode="int8", source="float32"):
     quantized from the start (zero weights, no float copy ever made): the way to measure or
     fill an int8 model in the memory it will use. Per-channel int4 needs
     `quantize(config=...)` instead (a built layer has no config)."""
-    from keras.dtype_policies import DTypePolicyMap
-
     policy = keras.dtype_policies.get(f"{mode}_from_{source}")
     return DTypePolicyMap(default_policy=source,
                           policy_map={".*_proj": policy, "embed_tokens": policy})
@@ -249,9 +231,7 @@ def dequantize(model):
     """Turn every quantized weight of `model` back into a float variable (`q / scale`), so
     that the model is a plain float Gemma 2 again (the exports need one). Frozen if the model
     carries LoRA adapters, else trainable. Returns `model`."""
-    from gemma_keras.training import uses_lora
-
-    trainable = not uses_lora(model)
+    trainable = not has_lora(model)
     for layer in quantized_layers(model):
         layer.dequantize(trainable=trainable)
     model.train_function = model.test_function = model.predict_function = None
@@ -268,7 +248,5 @@ def quantized_error(layer, what):
 
 def weight_bytes(model) -> int:
     """Bytes held by `model`'s variables (int8 and packed int4 count as stored)."""
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
-
     return sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
                for v in model.variables)

@@ -51,9 +51,16 @@ def uniform(seeds, step, vocab_size):
     hash is mixed with the key: `bits = mix32(mix32(id) ^ key)`, `u = (bits + 0.5) / 2**32`.
     """
     seeds = np.asarray(seeds, np.int64)
+    return uniform_at(seeds[:, None], step, np.arange(vocab_size, dtype=np.int64)[None, :])
+
+
+def uniform_at(seeds, step, ids):
+    """`u(seeds, step, ids)` elementwise (int64 arrays that broadcast): the numbers `uniform`
+    gives at those rows and ids, bit for bit."""
+    seeds = np.asarray(seeds, np.int64)
     key = mix32(mix32(seeds & MASK32) ^ ((seeds >> 32) & MASK32))
     key = mix32(key ^ (np.int64(step) & MASK32))
-    bits = mix32(mix32(np.arange(vocab_size, dtype=np.int64))[None, :] ^ key[:, None])
+    bits = mix32(mix32(np.asarray(ids, np.int64)) ^ key)
     return (bits + 0.5) / 2.0**32
 
 
@@ -91,13 +98,10 @@ def ranked_ids(x, k):
     return np.stack(rows)
 
 
-def kept_tokens(x, top_k=0, top_p=1.0):
-    """bool [batch, vocab]: the tokens top-k and top-p keep of float64 scores `x` (step 3
-    and 4 of the definition; `top_p` already read as float32)."""
-    batch, vocab = x.shape
-    k = vocab if not top_k else min(int(top_k), vocab)
-    if k == vocab and top_p >= 1:
-        return np.ones(x.shape, bool)
+def kept_tokens_by_sort(x, k, top_p):
+    """bool [batch, vocab]: step 3 and 4 of the definition read literally, over the `k`
+    highest scores of float64 `x` ranked in full (`top_p` already read as float64)."""
+    batch = x.shape[0]
     order = ranked_ids(x, k)
     keep = np.ones((batch, k), bool)
     if top_p < 1:
@@ -111,6 +115,78 @@ def kept_tokens(x, top_k=0, top_p=1.0):
     return kept
 
 
+# The candidate counts top-p tries, smallest first, while they are under half of the `k`
+# it ranks among (a peaked row needs the first; a flat one goes to the full ranking).
+TOP_P_CANDIDATES = (2**10, 2**12, 2**14, 2**16)
+
+
+def top_p_ids(row, k, top_p):
+    """The ids top-p keeps (after top-k) of one float64 row, by ranking only the fewest
+    candidates that provably hold them; None when that cannot be decided without ranking
+    all `k` (then `kept_tokens_by_sort` decides).
+
+    The definition keeps rank r while `before[r] < top_p * total`, where `before` and
+    `total` are sums taken in rank order. A prefix of the ranking gives `before` of its
+    ranks bit for bit (a cumulative sum adds in order); the total of all `k` weights, summed
+    here in another order, is within `margin` (relative) of the sum in rank order (the
+    rounding error of a sum of n non-negative numbers is below n * 2**-53 of it). A rank is
+    decided when its `before` is below the threshold's lower bound (kept) or at or above its
+    upper bound (dropped); the prefix suffices when the mass it holds reaches the upper bound.
+    """
+    scores = row - row.max()
+    # float32 weights only guess which candidate counts hold enough mass (cheaply: a flat
+    # row goes straight to the full ranking); the float64 ones below decide.
+    guess = np.exp(np.maximum(scores, -200.0).astype(np.float32))
+    guess = guess if k == row.size else np.partition(guess, row.size - k)[row.size - k:]
+    enough = top_p * guess.sum(dtype=np.float64) * 1.001
+
+    def holds_enough(m):  # the m highest guessed weights
+        return np.partition(guess, k - m)[k - m:].sum(dtype=np.float64) >= enough
+
+    counts = [m for m in TOP_P_CANDIDATES if m < k // 2]
+    if not counts or not holds_enough(counts[-1]):  # a flat row
+        return None
+    while len(counts) > 1 and not holds_enough(counts[0]):
+        counts.pop(0)
+    weights = np.exp(scores)  # of every id, as the full ranking computes them
+    top = weights if k == row.size else np.partition(weights, row.size - k)[row.size - k:]
+    total = top.sum()
+    if not np.isfinite(total):  # inf or nan scores: the full ranking decides
+        return None
+    margin = 4.0 * k * np.finfo(np.float64).eps
+    low, high = top_p * total * (1 - margin), top_p * total * (1 + margin)
+    for m in counts:
+        order = ranked_ids(row[None], m)[0]
+        cumulative = np.cumsum(weights[order])
+        if cumulative[-1] < high:  # summed in rank order, the mass falls just short
+            continue
+        before = np.concatenate([[0.0], cumulative[:-1]])  # rank m and later: dropped
+        if np.any((before >= low) & (before < high)):
+            return None
+        return order[before < low]
+    return None
+
+
+def kept_tokens(x, top_k=0, top_p=1.0):
+    """bool [batch, vocab]: the tokens top-k and top-p keep of float64 scores `x` (step 3
+    and 4 of the definition; `top_p` already read as float32). Top-p ranks only as many
+    candidates as it needs (`top_p_ids`): the same tokens as ranking the whole row."""
+    batch, vocab = x.shape
+    k = vocab if not top_k else min(int(top_k), vocab)
+    if k == vocab and top_p >= 1:
+        return np.ones(x.shape, bool)
+    if top_p >= 1 or k < 2 * TOP_P_CANDIDATES[0]:
+        return kept_tokens_by_sort(x, k, top_p)
+    kept = np.zeros(x.shape, bool)
+    for b, row in enumerate(x):
+        ids = top_p_ids(row, k, top_p)
+        if ids is None:
+            kept[b] = kept_tokens_by_sort(row[None], k, top_p)[0]
+        else:
+            kept[b, ids] = True
+    return kept
+
+
 def sample(logits, seeds, step, temperature=0.0, top_k=0, top_p=1.0):
     """Token ids [batch] from logits [batch, vocab] by the definition above; `seeds` [batch]
     (int64, see `row_seeds`), `step` the index of the new token."""
@@ -120,7 +196,13 @@ def sample(logits, seeds, step, temperature=0.0, top_k=0, top_p=1.0):
         return np.argmax(logits, axis=-1)
     x = logits.astype(np.float64) / np.float64(temperature)
     kept = kept_tokens(x, top_k or 0, np.float64(np.float32(1.0 if top_p is None else top_p)))
-    scores = np.where(kept, x + gumbel(seeds, step, x.shape[-1]), -np.inf)
+    if kept.all():
+        return np.argmax(x + gumbel(seeds, step, x.shape[-1]), axis=-1)
+    # The noise of the kept tokens only: the same numbers, at a fraction of the cost.
+    rows, ids = np.nonzero(kept)
+    scores = np.full(x.shape, -np.inf)
+    scores[rows, ids] = x[rows, ids] - np.log(-np.log(uniform_at(
+        np.asarray(seeds, np.int64)[rows], step, ids)))
     return np.argmax(scores, axis=-1)
 
 

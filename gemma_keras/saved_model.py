@@ -12,29 +12,33 @@ export. See `gemma_keras.serving.module` for the signatures and docs/serving.md 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import tempfile
 from pathlib import Path
+
+import tensorflow as tf
+
+from gemma_keras.atomic_files import atomic_directory
+from gemma_keras.causal_lm import Gemma2CausalLM
+from gemma_keras.converters.files import TOKENIZER_NAME
+from gemma_keras.serving.batching import InGraphBatching
+from gemma_keras.serving.core_ops import core_tf_kernels, require_tensorflow_backend
+from gemma_keras.serving.module import GemmaServingModule
+from gemma_keras.tokenizer import GemmaTokenizer, tokenizer_of
 
 DEFAULT_MAX_SHARD_SIZE = 1 << 30  # 1 GiB
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
-def _tokenizer_path(model, tokenizer_path):
+def _tokenizer(model, tokenizer_path):
+    """The tokenizer to export: `tokenizer_path`'s, else the one that travels with `model`."""
     if tokenizer_path is None:
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("the model has no tokenizer attached; pass tokenizer_path= "
-                             "(a SentencePiece tokenizer.model)")
-        tokenizer_path = tokenizer.proto_path
-    from gemma_keras.tokenizer import GemmaTokenizer
-
-    tokenizer = GemmaTokenizer(tokenizer_path)  # checks Gemma's special ids
+        tokenizer = tokenizer_of(model, "the SavedModel export (or pass tokenizer_path=)")
+    else:
+        tokenizer = GemmaTokenizer(tokenizer_path)  # checks Gemma's special ids
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but the model's "
-                         f"vocabulary is {model.config.vocab_size}")
-    return Path(tokenizer.proto_path)
+        raise ValueError(f"{tokenizer_path or 'the tokenizer'} has {tokenizer.vocab_size} pieces "
+                         f"but the model's vocabulary is {model.config.vocab_size}")
+    return tokenizer
 
 
 def next_version(base_dir) -> int:
@@ -55,7 +59,7 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
       base_dir: the model base path TensorFlow Serving is pointed at.
       version: a positive integer; default: one more than the highest existing version.
         An existing version is never overwritten.
-      tokenizer_path: the SentencePiece `tokenizer.model`; default: the attached tokenizer's.
+      tokenizer_path: the SentencePiece `tokenizer.model`; default: the model's own tokenizer.
       max_length: the longest prompt plus completion (tokens) a request may ask for;
         default: the config's `max_position_embeddings`.
       max_new_tokens: the default of the request's `max_new_tokens` input.
@@ -71,14 +75,6 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
     >>> export_saved_model(model, "/models/gemma", version=1, tokenizer_path="tokenizer.model")
     PosixPath('/models/gemma/1')
     """
-    import tensorflow as tf
-
-    from gemma_keras.serving.batching import InGraphBatching
-    from gemma_keras.serving.core_ops import core_tf_kernels, require_tensorflow_backend
-    from gemma_keras.serving.module import GemmaServingModule
-
-    from gemma_keras.causal_lm import Gemma2CausalLM
-
     if not isinstance(model, Gemma2CausalLM):
         raise TypeError(f"export_saved_model takes a Gemma2CausalLM, got {type(model).__name__}")
     require_tensorflow_backend()
@@ -104,26 +100,18 @@ def export_saved_model(model, base_dir, version=None, tokenizer_path=None, max_l
         raise TypeError("in_graph_batching must be an InGraphBatching or None, got "
                         f"{type(in_graph_batching).__name__}")
 
-    tokenizer_path = _tokenizer_path(model, tokenizer_path)
+    tokenizer = _tokenizer(model, tokenizer_path)
     options = tf.saved_model.SaveOptions(
         experimental_sharding_callback=tf.train.experimental.MaxShardSizePolicy(
             int(max_shard_size)))
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
-    try:
-        with tempfile.TemporaryDirectory() as staging:  # the asset keeps its file name
-            staged = shutil.copyfile(tokenizer_path, Path(staging) / "tokenizer.model")
-            module = GemmaServingModule(model, staged, max_length, int(max_new_tokens),
-                                        batching=bool(batching),
-                                        in_graph_batching=in_graph_batching, xla=bool(xla))
-            # Under XLA the cache update stays XLA's own dynamic update slice, and XLA's dot
-            # takes the [out, in] projections well at every batch size.
-            with contextlib.nullcontext() if xla else core_tf_kernels():
-                tf.saved_model.save(module, str(tmp), signatures=module.signatures(),
-                                    options=options)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model server may be another user
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(target) as tmp, tempfile.TemporaryDirectory() as staging:
+        staged = tokenizer.save_proto(Path(staging) / TOKENIZER_NAME)  # the asset's file name
+        module = GemmaServingModule(model, staged, max_length, int(max_new_tokens),
+                                    batching=bool(batching),
+                                    in_graph_batching=in_graph_batching, xla=bool(xla))
+        # Under XLA the cache update stays XLA's own dynamic update slice, and XLA's dot
+        # takes the [out, in] projections well at every batch size.
+        with contextlib.nullcontext() if xla else core_tf_kernels():
+            tf.saved_model.save(module, str(tmp), signatures=module.signatures(),
+                                options=options)
     return target

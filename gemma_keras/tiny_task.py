@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from pathlib import Path
 
 import numpy as np
+
+from gemma_keras.atomic_files import write_atomically
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 EVAL_FILE = "eval.jsonl"
@@ -48,8 +51,6 @@ def tiny_model_dir() -> str:
 
 def model_dir_or_tiny(directory=None) -> str:
     """`directory`, or the bundled tiny model's when it is None; an error names a missing one."""
-    from pathlib import Path
-
     if directory is None:
         directory = tiny_model_dir()
         if not (Path(directory) / "config.json").is_file():
@@ -102,8 +103,6 @@ def eval_examples(directory=None) -> list[dict]:
 
 def tokenizer_corpus() -> list[str]:
     """Lines to train the tiny model's SentencePiece tokenizer on: every task, every word."""
-    import string
-
     # Single characters of ordinary text, so that any English prompt encodes without <unk>;
     # the role names and task names often enough to be one piece each.
     lines = [" ".join(string.ascii_letters + string.digits + string.punctuation)] * 20
@@ -165,8 +164,5 @@ def write_eval_file(directory, examples=None) -> str:
     """Write the held-out examples as `eval.jsonl` in `directory`."""
     examples = examples if examples is not None else held_out_examples()
     path = os.path.join(directory, EVAL_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e) + "\n")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, "".join(json.dumps(e) + "\n" for e in examples))
     return path

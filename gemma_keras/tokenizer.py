@@ -14,6 +14,7 @@ import os
 
 import sentencepiece as spm
 
+from gemma_keras.atomic_files import write_atomically
 from gemma_keras.conventions import (
     BOS_ID,
     END_OF_TURN,
@@ -49,12 +50,26 @@ class GemmaTokenizer:
         proto_path = os.fspath(proto_path)
         if not os.path.isfile(proto_path):
             raise FileNotFoundError(f"tokenizer model not found: {proto_path}")
+        with open(proto_path, "rb") as f:
+            self._load(f.read(), proto_path)
         self._proto_path = proto_path
+
+    @classmethod
+    def from_proto(cls, proto: bytes, name="<proto>"):
+        """A tokenizer of a serialized SentencePiece model (`tokenizer.model`'s bytes); `name`
+        stands for it in error messages. Its `proto_path` is None."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(bytes(proto), name)
+        tokenizer._proto_path = None
+        return tokenizer
+
+    def _load(self, proto, name):
+        self._proto, self._name = proto, name
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.Load(proto_path)
+            self._sp.LoadFromSerializedProto(proto)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{proto_path} is not a SentencePiece model: {e}") from None
+            raise ValueError(f"{name} is not a SentencePiece model: {e}") from None
         self._check_special_ids()
         self._special_ids = {self.pad_id, self.bos_id, self.eos_id,
                              self.start_of_turn_id, self.end_of_turn_id}
@@ -64,7 +79,7 @@ class GemmaTokenizer:
         expected = SPECIAL_PIECES
         if self._sp.GetPieceSize() <= END_OF_TURN_ID:
             raise ValueError(
-                f"{self._proto_path}: vocabulary of {self._sp.GetPieceSize()} pieces is too "
+                f"{self._name}: vocabulary of {self._sp.GetPieceSize()} pieces is too "
                 f"small for Gemma's special ids (need more than {END_OF_TURN_ID})"
             )
         wrong = {i: (p, self._sp.IdToPiece(i)) for i, p in expected.items()
@@ -72,12 +87,29 @@ class GemmaTokenizer:
         if wrong:
             detail = ", ".join(f"id {i} should be {p!r} but is {got!r}"
                                for i, (p, got) in wrong.items())
-            raise ValueError(f"{self._proto_path} is not a Gemma tokenizer: {detail}")
+            raise ValueError(f"{self._name} is not a Gemma tokenizer: {detail}")
 
     # ----------------------------------------------------------------- properties
     @property
-    def proto_path(self) -> str:
+    def proto_path(self) -> str | None:
+        """The file the tokenizer was read from (None for `from_proto`); `proto` and
+        `save_proto` work for both."""
         return self._proto_path
+
+    @property
+    def name(self) -> str:
+        """The file it was read from, or `from_proto`'s name: what messages call it."""
+        return self._name
+
+    @property
+    def proto(self) -> bytes:
+        """The serialized SentencePiece model (the bytes of `tokenizer.model`)."""
+        return self._proto
+
+    def save_proto(self, path) -> str:
+        """Write the SentencePiece model to `path` (atomically); return the path."""
+        write_atomically(path, self._proto)
+        return os.fspath(path)
 
     @property
     def vocab_size(self) -> int:
@@ -168,10 +200,8 @@ class GemmaTokenizer:
             import tensorflow as tf
             import tensorflow_text as tf_text
 
-            with open(self._proto_path, "rb") as f:
-                proto = f.read()
             with tf.init_scope():  # eager resource, even when first used inside a tf.function
-                self._tf_tokenizer = tf_text.SentencepieceTokenizer(model=proto,
+                self._tf_tokenizer = tf_text.SentencepieceTokenizer(model=self._proto,
                                                                     out_type=tf.int32)
         return self._tf_tokenizer
 
@@ -201,7 +231,22 @@ class GemmaTokenizer:
         return self.tf_tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
 
     def __repr__(self):
-        return f"GemmaTokenizer({self._proto_path!r}, vocab_size={self.vocab_size})"
+        return f"GemmaTokenizer({self._name!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_of(model, purpose="this"):
+    """The tokenizer that travels with `model` (a `Gemma2CausalLM`, a `GemmaTFLite`, a
+    scorer: anything with a `.tokenizer`), or a ValueError saying that `purpose` needs one.
+
+    This is the one place the package asks a model for its tokenizer.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"{purpose} needs a tokenizer and the model has none: load it from a directory "
+            "with a tokenizer.model (Gemma2CausalLM.from_pretrained), or set "
+            "model.tokenizer = GemmaTokenizer(path)")
+    return tokenizer
 
 
 def stream_text(tokenizer, token_ids):
@@ -246,7 +291,6 @@ def train_sentencepiece(texts, out_prefix, vocab_size, model_type="unigram",
                          f"got {vocab_size}")
     texts = iter([texts] if isinstance(texts, str) else texts)
     out_prefix = os.fspath(out_prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     model = io.BytesIO()
     options = dict(
         sentence_iterator=texts,
@@ -274,9 +318,6 @@ def train_sentencepiece(texts, out_prefix, vocab_size, model_type="unigram",
     except RuntimeError as e:
         raise ValueError(f"SentencePiece training for {out_prefix} failed: {e}") from None
     path = out_prefix + ".model"
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
-    GemmaTokenizer(path)  # checks that every special id landed where Gemma has it
+    GemmaTokenizer.from_proto(model.getvalue(), path)  # every special id where Gemma has it?
+    write_atomically(path, model.getvalue())
     return path

@@ -129,7 +129,7 @@ def test_construction_skips_initializers_only_inside(hf_dir):
     from gemma_keras.config import Gemma2Config
 
     config = Gemma2Config.from_json_file(hf_dir / "config.json")
-    empty = streaming.empty_causal_lm(config)
+    empty = Gemma2CausalLM.empty(config)
     assert all(not np.any(w.numpy()) for w in empty.weights)
     fresh = Gemma2CausalLM(config)  # ordinary construction still initialises randomly
     assert np.any(fresh.backbone.embed_tokens.embeddings.numpy())
@@ -215,7 +215,7 @@ def test_keras_dir_weights_are_a_plain_keras_weights_file(hf_dir, tmp_path, weig
     `model.load_weights` reads the file like any other, sharded or not."""
     shard = 150_000 if weights.endswith("json") else 10**9
     convert.convert_hf_to_keras(hf_dir, tmp_path / "k", max_shard_bytes=shard)
-    model = streaming.empty_causal_lm(load_hf_checkpoint(hf_dir).config)
+    model = Gemma2CausalLM.empty(load_hf_checkpoint(hf_dir).config)
     model.load_weights(tmp_path / "k" / weights)
     for x, y in zip(model.weights, load_hf_checkpoint(hf_dir).weights):
         np.testing.assert_array_equal(x.numpy(), y.numpy())

@@ -56,7 +56,7 @@ def make_varied_hf_model(seed=0):
 def bundle(tmp_path_factory, tiny_tokenizer):
     """(Keras model with tokenizer, .tflite path, .litertlm path)."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    from gemma_keras.converters.hf_checkpoint import load_hf_checkpoint
+    from gemma_keras.pretrained import load_hf_checkpoint
     from gemma_keras.tflite import export_tflite
     from gemma_keras.tflite.litertlm import write_litertlm
 

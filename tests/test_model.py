@@ -33,6 +33,30 @@ def test_get_config_from_config_and_keras_file(model, padded_batch, tmp_path):
     np.testing.assert_array_equal(_logits(loaded, ids, mask), expected)
 
 
+def test_keras_file_keeps_the_tokenizer(tmp_path):
+    """`model.save("x.keras")` stores the tokenizer as an asset; `load_model` gives it back:
+    the same SentencePiece model, the same ids, the same greedy completion from text."""
+    from gemma_keras.pretrained import load_model
+
+    model = load_model()  # the bundled tiny model, tokenizer.model beside its weights
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "reverse: a b c"}])
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.tokenizer is not None and loaded.tokenizer.proto_path is None  # from the file
+    assert loaded.tokenizer.proto == model.tokenizer.proto
+    ids = model.tokenizer.encode(prompt)
+    assert loaded.tokenizer.encode(prompt) == ids
+    assert loaded.tokenizer.decode(ids, skip_special_tokens=False) == prompt
+    assert loaded.generate(prompt, max_new_tokens=6) == model.generate(prompt, max_new_tokens=6)
+
+
+def test_keras_file_without_tokenizer(model, tmp_path):
+    assert model.tokenizer is None  # the random checkpoint has no tokenizer.model
+    model.save(tmp_path / "bare.keras")
+    assert keras.saving.load_model(tmp_path / "bare.keras").tokenizer is None
+
+
 def test_weights_are_the_expected_set(model):
     config = model.config
     assert model.count_params() == config.num_parameters()

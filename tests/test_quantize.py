@@ -228,7 +228,7 @@ def test_finetune_command_on_an_int8_base(tmp_path, capsys):
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.cli import main
     from gemma_keras.quantization import is_quantized
-    from gemma_keras.training import finetune
+    from gemma_keras.finetune import finetune
 
     data = tmp_path / "repeat.jsonl"
     data.write_text("".join(json.dumps(e) + "\n"

@@ -91,3 +91,102 @@ def test_per_row_settings_in_tensorflow_are_each_rows_own():
     alone = [samplers.sample(logits[b:b + 1], seeds[b:b + 1], 3, *SETTINGS[b])[0]
              for b in range(len(SETTINGS))]
     np.testing.assert_array_equal(mixed, alone)
+
+
+def _shortcut_rows(rng, vocab, rows):
+    """Rows of float64 scores for the top-p shortcut: peaked and flat, with many exact ties
+    (scores on a grid of 0.5), with one top score or several tied at the top, and all equal."""
+    out = []
+    for r in range(rows):
+        x = rng.standard_normal(vocab) * rng.choice([0.5, 2.0, 5.0, 12.0])
+        if r % 3 == 1:
+            x = np.round(x * 2) / 2  # ties everywhere, at the boundary too
+        if r % 5 == 2:
+            x[rng.choice(vocab, 7, replace=False)] = x.max() + 3.0  # seven tied at the top
+        out.append(x if r % 17 != 5 else np.zeros(vocab))
+    return np.stack(out)
+
+
+# p read as float32, from tiny to the largest float32 below 1; top_k off, below and above
+# the candidate counts.
+SHORTCUT_P = [1e-6, 0.1, 0.5, 0.9, 0.95, 0.999, float(np.float32(1 - 2**-24))]
+SHORTCUT_K = [0, 0, 0, 2500, 6000]
+
+
+def test_top_p_shortcut_keeps_the_tokens_of_the_full_ranking():
+    """`samplers.kept_tokens` ranks a few candidates, `kept_tokens_by_sort` the whole row:
+    the same tokens on every row, both branches taken (decided from the candidates, and
+    handed to the full ranking: flat rows, p near 1, a total on the threshold)."""
+    rng = np.random.default_rng(3)
+    x = _shortcut_rows(rng, 12_000, 140)
+    decided = 0
+    for r, row in enumerate(x):
+        top_p = np.float64(np.float32(SHORTCUT_P[r % len(SHORTCUT_P)]))
+        top_k = SHORTCUT_K[r % len(SHORTCUT_K)]
+        k = top_k or row.size
+        expected = samplers.kept_tokens_by_sort(row[None], k, top_p)
+        np.testing.assert_array_equal(samplers.kept_tokens(row[None], top_k, top_p), expected,
+                                      err_msg=f"row {r}")
+        decided += samplers.top_p_ids(row, k, top_p) is not None
+    assert 60 <= decided <= 130, decided
+    # Exactly on the threshold: 4096 equal scores, p = 0.5: rank 2048 has half of the mass
+    # before it and is dropped; the shortcut cannot tell within its margin and defers.
+    flat = np.zeros((1, 4096))
+    assert samplers.top_p_ids(flat[0], 4096, 0.5) is None
+    assert samplers.kept_tokens(flat, 0, 0.5).sum() == 2048
+    # At Gemma's vocabulary: a peaked row and a flatter one, p = 0.9 and near 1.
+    gemma = rng.standard_normal((2, 256_000)) * np.array([[6.0], [2.0]])
+    for top_p in (0.9, np.float64(np.float32(1 - 2**-24))):
+        np.testing.assert_array_equal(samplers.kept_tokens(gemma, 0, top_p),
+                                      samplers.kept_tokens_by_sort(gemma, 256_000, top_p))
+
+
+def test_top_p_shortcut_draws_the_ids_of_the_full_ranking_in_numpy_and_tensorflow():
+    """The ids `sample` and the TensorFlow twin draw (each with its shortcut) equal the ids
+    of the definition read literally (rank all, noise for all), and the twin's candidates
+    keep, on the rows they decide, what its own full ranking keeps."""
+    import tensorflow as tf
+
+    from gemma_keras.serving import sampling
+
+    rng = np.random.default_rng(4)
+    logits = _shortcut_rows(rng, 40_000, 32).astype("float32")
+    x = logits.astype("float64")  # temperature 1
+    batch, vocab = x.shape
+    seeds = samplers.row_seeds(11, batch)
+    top_p = np.float32([SHORTCUT_P[r % len(SHORTCUT_P)] for r in range(batch)])
+    top_k = np.int32([[0, 0, 300, 2500, 30_000][r % 5] for r in range(batch)])
+    k = np.where(top_k > 0, top_k, vocab).astype("int32")
+    literal, ours = [], []
+    for r in range(batch):
+        kept = samplers.kept_tokens_by_sort(x[r:r + 1], int(k[r]), np.float64(top_p[r]))
+        noise = samplers.gumbel(seeds[r:r + 1], 5, vocab)
+        literal.append(np.argmax(np.where(kept, x[r] + noise, -np.inf), -1)[0])
+        ours.append(samplers.sample(logits[r:r + 1], seeds[r:r + 1], 5, 1.0, int(top_k[r]),
+                                    float(top_p[r]))[0])
+    np.testing.assert_array_equal(ours, literal)
+
+    def twin(rows):  # the twin's draw for these rows, as one batch
+        return sampling.next_token(
+            tf.constant(logits[rows]), tf.ones([len(rows)]), tf.constant(top_k[rows]),
+            tf.constant(top_p[rows]), tf.constant(seeds[rows]), tf.constant(5)).numpy()
+
+    # Row by row (decided from 1024 or 16384 candidates, or ranked in full), and as one
+    # batch (a row that neither decides ranks the whole batch in full).
+    np.testing.assert_array_equal([twin([r])[0] for r in range(batch)], literal)
+    np.testing.assert_array_equal(twin(list(range(batch))), literal)
+
+    p64 = tf.constant(top_p.astype("float64"))
+    full = sampling.kept_tokens(tf.constant(x), tf.constant(k), p64).numpy()
+    decided_at = []
+    for m in sampling.CANDIDATES:
+        values, order = tf.math.top_k(tf.constant(x), m)
+        keep, decided = (t.numpy() for t in sampling.candidates_keep(
+            tf.constant(x), values, tf.constant(k), p64))
+        for r in np.flatnonzero(decided):
+            kept = np.zeros(vocab, bool)
+            kept[order.numpy()[r][keep[r]]] = True
+            np.testing.assert_array_equal(kept, full[r], err_msg=f"row {r}, {m} candidates")
+        decided_at.append(int(decided.sum()))
+    # Both counts decide some rows, the second more; others go to the full ranking.
+    assert 8 <= decided_at[0] < decided_at[1] < batch, decided_at

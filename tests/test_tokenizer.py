@@ -124,3 +124,29 @@ def test_train_sentencepiece_validates_and_accepts_generators(tmp_path):
                                vocab_size=122)
     tok = GemmaTokenizer(path)
     assert tok.vocab_size == 122 and tok.decode(tok.encode("hello a")) == "hello a"
+
+
+def test_from_proto_and_save_proto(tmp_path, tiny_tokenizer):
+    """A tokenizer built from the model's bytes (as a `.keras` file restores it) is the same
+    tokenizer, and `save_proto` writes those bytes back."""
+    proto = open(tiny_tokenizer.proto_path, "rb").read()
+    tok = GemmaTokenizer.from_proto(proto, name="in memory")
+    assert tok.proto == tiny_tokenizer.proto == proto and tok.proto_path is None
+    assert tok.encode(TEXT) == tiny_tokenizer.encode(TEXT)
+    path = tok.save_proto(tmp_path / "sub" / "tokenizer.model")
+    assert open(path, "rb").read() == proto
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["tokenizer.model"]
+    with pytest.raises(ValueError, match="in memory is not a SentencePiece model"):
+        GemmaTokenizer.from_proto(b"not a model", name="in memory")
+
+
+def test_tokenizer_of_names_what_needs_it(tiny_tokenizer):
+    from gemma_keras.tokenizer import tokenizer_of
+
+    class Holder:
+        tokenizer = None
+
+    with pytest.raises(ValueError, match="scoring needs a tokenizer"):
+        tokenizer_of(Holder(), "scoring")
+    Holder.tokenizer = tiny_tokenizer
+    assert tokenizer_of(Holder(), "scoring") is tiny_tokenizer

@@ -208,7 +208,7 @@ def test_finetune_command_validates_checkpoints_and_resumes(tmp_path, capsys):
     assert model.tokenizer is not None and not any("lora" in v.path for v in model.variables)
     # a changed setting does not silently resume someone else's run
     with pytest.raises(ValueError, match="other settings"):
-        from gemma_keras.training import finetune
+        from gemma_keras.finetune import finetune
 
         finetune(tiny_task.tiny_model_dir(), data, tmp_path / "other", epochs=3, lora_rank=8,
                  checkpoint_dir=checkpoints, verbose=0)

@@ -5,7 +5,7 @@ exporter: TensorFlow and Keras) are resolved lazily, so importing this package, 
 runtime, never imports TensorFlow or Keras.
 """
 
-import importlib
+from gemma_keras.lazy_names import lazy_names
 
 _EXPORTS = {
     "GemmaTFLite": "gemma_keras.tflite.runtime",
@@ -17,14 +17,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gemma_keras.tflite' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -15,15 +15,19 @@ This module imports TensorFlow; `gemma_keras.tflite` imports it only when export
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import tempfile
 from pathlib import Path
 
-from gemma_keras.tflite import quantize as quantize_lib
-from gemma_keras.tflite import requantize as requantize_lib
+from tqdm import tqdm
+
 from gemma_keras import defaults
 from gemma_keras.atomic_files import write_atomically
 from gemma_keras.tflite import export_graph, lean_export
+from gemma_keras.tflite import quantize as quantize_lib
+from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras.tflite.converter_weight_map import record_weight_map
 from gemma_keras.tflite.weight_map_metadata import stored_factors
 
@@ -104,8 +108,6 @@ def _return_freed_memory():
     """Hand freed heap memory back to the OS before the converter runs: glibc keeps freed
     blocks under its mmap threshold (up to 32 MB, e.g. the 2B's attention kernels) in its
     arenas, about 1 GiB for the 2B. A no-op where there is no glibc."""
-    import ctypes
-    import gc
 
     gc.collect()
     try:
@@ -239,8 +241,6 @@ class _progress:
     def __init__(self, enabled, total):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc="export-tflite", unit="step")
 
     def update(self, what):

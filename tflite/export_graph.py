@@ -44,6 +44,7 @@ from gemma_keras.conventions import (
     score_name,
     stored_table_scale,
 )
+from gemma_keras.lora import has_lora
 from gemma_keras.tflite.native_log import stderr_captured
 
 
@@ -182,11 +183,10 @@ class GemmaSignatures:
 
 
 def refuse_lora(model):
-    """Raise ValueError if a layer of `model` carries LoRA adapters (merge them first)."""
-    for layer in model._flatten_layers(include_self=False):
-        if getattr(layer, "lora_enabled", False):
-            raise ValueError(f"layer {layer.path!r} has LoRA adapters; merge them into the "
-                             f"weights first (model.merge_lora()), then export")
+    """Raise ValueError if `model` carries LoRA adapters (merge them first)."""
+    if has_lora(model):
+        raise ValueError("the model has LoRA adapters; merge them into the weights first "
+                         "(model.merge_lora()), then export")
 
 
 def convert(saved_model_dir, signature_keys, quantize, placeholders=False):

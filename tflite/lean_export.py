@@ -18,19 +18,19 @@ import tempfile
 from pathlib import Path
 
 from gemma_keras.atomic_files import write_atomically
+from gemma_keras.config import Gemma2Config
+from gemma_keras.converters.weight_map import weight_specs
 from gemma_keras.tflite import export_graph
 from gemma_keras.tflite import quantize as quantize_lib
 from gemma_keras.tflite import requantize as requantize_lib
 from gemma_keras.tflite import template as template_lib
-from gemma_keras.tflite import weight_writer
+from gemma_keras.tflite import weight_sources, weight_writer
 
 
 def model_and_source(model):
     """`(Gemma2CausalLM to trace, WeightSource)` for a model or a model directory; a
     directory gives a weightless model (its variables hold no storage)."""
     from gemma_keras.causal_lm import Gemma2CausalLM
-    from gemma_keras.converters.weight_map import weight_specs
-    from gemma_keras.tflite import weight_sources
 
     if isinstance(model, Gemma2CausalLM):
         export_graph.load_float32_model(model)  # refuses one that is not float32
@@ -39,7 +39,6 @@ def model_and_source(model):
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"expected a Gemma2CausalLM or a model directory, got "
                         f"{type(model).__name__}")
-    from gemma_keras.config import Gemma2Config
     from gemma_keras.converters.convert import detect_format
 
     directory = Path(model)

@@ -25,8 +25,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import tempfile
 from pathlib import Path
+
+import sentencepiece as spm
 
 from gemma_keras.atomic_files import atomic_file
 from gemma_keras.conventions import (
@@ -36,8 +39,8 @@ from gemma_keras.conventions import (
     INPUT_POS,
     LOGITS,
     MASK,
-    TOKENS,
     STOP_IDS,
+    TOKENS,
     cache_names,
     prefill_lengths,
     prefill_name,
@@ -157,8 +160,6 @@ def inspect_tflite(tflite_path) -> TFLiteLLMInfo:
 
 
 def _check_tokenizer(tokenizer_path, vocab_size, start_token_id, stop_token_ids):
-    import sentencepiece as spm
-
     path = Path(tokenizer_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SentencePiece model")
@@ -264,10 +265,10 @@ def read_litertlm(litertlm_path):
 
     Reads the header and the metadata section only (not the model), for checks and reports.
     """
-    import io
 
-    from litert_lm_builder import litertlm_core, litertlm_peek
+    from litert_lm_builder import litertlm_core
     from litert_lm_builder import litertlm_header_schema_py_generated as schema
+    from litert_lm_builder import litertlm_peek
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
     path = Path(litertlm_path)

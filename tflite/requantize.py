@@ -33,10 +33,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gemma_keras.converters.weight_map import weight_specs
 from gemma_keras.tflite import requantize_plan, requantize_rewrite, requantize_write
 from gemma_keras.tflite.flatbuffer import TFLiteFile
 from gemma_keras.tflite.requantize_plan import BLOCK_SIZES  # noqa: F401 (public)
-from gemma_keras.tflite.weight_sources import ArraySource, WeightSource
+from gemma_keras.tflite.weight_sources import ArraySource, KerasModelSource, WeightSource
 
 
 def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
@@ -73,8 +74,6 @@ def requantize_tflite(int8_path, weights, quantize, out_path, progress=False):
 def keras_weights(model):
     """The weights of `model` (a `Gemma2CausalLM` in memory) by checkpoint tensor name, read
     a block of rows at a time."""
-    from gemma_keras.converters.weight_map import weight_specs
-    from gemma_keras.tflite.weight_sources import KerasModelSource
 
     return KerasModelSource(model, weight_specs(model.backbone))
 
@@ -84,8 +83,6 @@ def checkpoint_weights(checkpoint, model):
     checkpoint (`<saved_model>/variables/variables`), whose `weights/<i>` is the i-th of
     `model.variables`; by checkpoint tensor name."""
     import tensorflow as tf
-
-    from gemma_keras.converters.weight_map import weight_specs
 
     reader = tf.train.load_checkpoint(str(checkpoint))
     index = {id(v): i for i, v in enumerate(model.variables)}

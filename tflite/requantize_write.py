@@ -10,6 +10,7 @@ offsets), so it may exceed 2 GB, and appears only when complete.
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from gemma_keras.tflite.flatbuffer import write_with_offsets
 from gemma_keras.tflite.weight_encoding import quantize_channelwise, quantize_int4_blockwise
@@ -22,7 +23,6 @@ def write(out_path, file, model, weights, scales_buffers, source, block, progres
     """Write `out_path` from the rewritten `model` of the open `file`: `weights`
     (`{buffer: requantize_plan.Weight}`) encoded from `source`, their block scales in
     `scales_buffers` (`{weight buffer: scales buffer}`), every other buffer copied."""
-    from tqdm import tqdm
 
     order = _data_order(file, model, weights, scales_buffers, block)
     scales_of = {scales: weight for weight, scales in scales_buffers.items()}

@@ -39,7 +39,7 @@ from gemma_keras.conventions import (
     score_name,
 )
 from gemma_keras.tflite.native_log import stderr_captured
-from gemma_keras.tokenizer import GemmaTokenizer
+from gemma_keras.tokenizer import GemmaTokenizer, tokenizer_of
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int8": np.int8}
 _CACHE_SUFFIX = ".xnnpack_cache"
@@ -353,9 +353,7 @@ class GemmaTFLite:
     def chat(self, messages, max_new_tokens=None, sampler="greedy", **kwargs):
         """The model's reply to `messages` (`[{"role": "user"|"model", "content": str}]`),
         in Gemma's turn format; generation stops at `<end_of_turn>`."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer: pass tokenizer_path to GemmaTFLite")
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = tokenizer_of(self, "chat").apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, max_new_tokens, sampler, **kwargs)
 
 

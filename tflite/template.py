@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_keras.converters.weight_map import weight_specs
 from gemma_keras.tflite import export_graph
 from gemma_keras.tflite.weight_map_metadata import EMBEDDING, stored_factors
 
@@ -117,8 +118,6 @@ def convert_template(model, source, kv_cache_max_len, prefill_lens, score_lens=(
     Returns `(bytes, {hf_name: Placeholder})`.
     """
     import tensorflow as tf
-
-    from gemma_keras.converters.weight_map import weight_specs
 
     specs = weight_specs(model.backbone)
     placeholders = placeholder_values(specs, model.config)

@@ -11,6 +11,7 @@ Pure NumPy on float32 rows [n, cols]; ai-edge-quantizer is imported only where u
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 
@@ -33,7 +34,6 @@ def quantize_int4_blockwise(values, block):
     """ai-edge-quantizer's dynamic int4 blockwise quantization of float32 rows [n, cols]:
     returns (packed int4 bytes, float16 scales [n, cols / block]), as it stores them (float32
     scale rounded to bfloat16, then stored as float16)."""
-    import ml_dtypes
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
     from ai_edge_quantizer.transformations import transformation_utils

@@ -17,9 +17,14 @@ time, so no source holds more than one block of one tensor.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import h5py
+import ml_dtypes
 import numpy as np
+
+from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
 
 
 class WeightSource:
@@ -81,8 +86,6 @@ class SafetensorsSource(WeightSource):
     """A Hugging Face checkpoint directory, read lazily (`SafetensorsCheckpoint`)."""
 
     def __init__(self, directory):
-        from gemma_keras.converters.safetensors_io import SafetensorsCheckpoint
-
         self.checkpoint = SafetensorsCheckpoint(directory)
         self.shapes = dict(self.checkpoint.shapes)
 
@@ -103,8 +106,6 @@ class KerasDirSource(WeightSource):
     """
 
     def __init__(self, directory, model, specs):
-        import json
-
         from gemma_keras.converters.keras_dir import SHARDED_WEIGHTS, read_metadata
 
         self.directory = Path(directory)
@@ -123,8 +124,6 @@ class KerasDirSource(WeightSource):
             self.shapes[spec.hf_name] = tuple(spec.variable.shape)
 
     def rows(self, name, start, stop):
-        import h5py
-
         file, path = self.datasets[name]
         with h5py.File(file, "r") as f:
             if path not in f:
@@ -132,8 +131,6 @@ class KerasDirSource(WeightSource):
             dataset = f[path]
             block = dataset[start:stop]
             if dataset.attrs.get("dtype") == "bfloat16":
-                import ml_dtypes
-
                 block = block.view(ml_dtypes.bfloat16)
         return _float32(block, name, file)
 

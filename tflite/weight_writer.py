@@ -28,6 +28,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gemma_keras.conventions import WEIGHT_MAP_METADATA
 from gemma_keras.tflite import flatbuffer
@@ -36,7 +37,6 @@ from gemma_keras.tflite.float16_constants import dequantize_constants, to_float1
 from gemma_keras.tflite.template import table_value
 from gemma_keras.tflite.weight_encoding import int8_step, quantize_int8_per_tensor
 from gemma_keras.tflite.weight_map_metadata import encode_weight_map
-
 
 ENCODINGS = ("none", "fp16", "dynamic_int8")
 _CHUNK_BYTES = 16 << 20
@@ -315,8 +315,6 @@ def _write(out_path, template, model, stored, halved, weights, splats, source, e
            progress):
     """Write the file: `stored` buffers in order, those of `halved` (the template's float32
     constants in "fp16") converted to float16."""
-    from tqdm import tqdm
-
     by_buffer = {w.buffer: w for w in weights.values()}
     order = []
     for index in stored:

@@ -1,15 +1,20 @@
 """`gemma-keras chat`: an interactive, turn-by-turn chat in Gemma's template."""
 
+import argparse
+import sys
+
 from gemma_keras.chat import ChatSession
-from gemma_keras.commands.generate import (add_model_arguments, add_sampling_arguments, load,
-                                           sampling_kwargs)
+from gemma_keras.commands.generate import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load,
+    sampling_kwargs,
+)
 
 COMMANDS = "/reset forgets the conversation, /exit (or end of input) quits"
 
 
 def register(subparsers):
-    import argparse
-
     p = subparsers.add_parser(
         "chat", help="chat turn by turn with a model (reads stdin)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,8 +32,6 @@ def register(subparsers):
 
 
 def run(args):
-    import sys
-
     session = ChatSession(load(args), max_new_tokens=args.max_new_tokens, seed=args.seed,
                           **sampling_kwargs(args))
     interactive = sys.stdin.isatty()

@@ -1,15 +1,15 @@
 """`gemma-keras convert`: Hugging Face checkpoint or keras-hub preset <-> gemma-keras model
 directory."""
 
+import argparse
+import re
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
 
 
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
-    import argparse
-    import re
-
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS:

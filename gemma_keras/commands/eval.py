@@ -1,6 +1,12 @@
 """`gemma-keras eval`: perplexity, agreement with a float reference, multiple choice and
 lm-evaluation-harness tasks, on a Keras model, a .tflite export or a SavedModel."""
 
+import argparse
+import json
+import os
+
+from gemma_keras.evaluation.evaluate import evaluate
+
 # Report fields in print order (text output); --json prints every field.
 TEXT_FIELDS = ("model", "reference", "documents", "windows", "context", "stride", "tokens",
                "perplexity", "nll", "bits_per_byte", "reference_perplexity",
@@ -10,8 +16,6 @@ TEXT_FIELDS = ("model", "reference", "documents", "windows", "context", "stride"
 
 
 def register(subparsers):
-    import argparse
-
     p = subparsers.add_parser(
         "eval", help="perplexity, KL against a float model, multiple choice, lm-eval tasks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,17 +95,13 @@ def format_report(report) -> str:
 
 
 def run(args):
-    import json
-    import os
-
     for name in ("context", "stride", "batch_size", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got "
                              f"{value}")
     if args.tflite is None:
-        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    from gemma_keras.evaluation.evaluate import evaluate
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before a scorer loads Keras
 
     try:
         report = evaluate(

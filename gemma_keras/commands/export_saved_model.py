@@ -1,15 +1,20 @@
 """`gemma-keras export-saved-model`: a versioned SavedModel for TensorFlow Serving."""
 
+import argparse
+import os
+import sys
+
+from gemma_keras import defaults
+from gemma_keras.commands.convert import parse_size
+from gemma_keras.serving.batching import InGraphBatching
+from gemma_keras.tiny_task import model_dir_or_tiny
+
 
 def _size(text):
-    from gemma_keras.commands.convert import parse_size
-
     return parse_size(text)
 
 
 def _sizes(text):
-    import argparse
-
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -67,22 +72,12 @@ def register(subparsers):
 
 
 def run(args):
-    import os
-    import sys
-
-    from gemma_keras import defaults
-
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.causal_lm import Gemma2CausalLM  # Keras, on the backend set above
     from gemma_keras.saved_model import export_saved_model
-
-    from gemma_keras.tiny_task import model_dir_or_tiny
 
     args.model = model_dir_or_tiny(args.model)
     model = Gemma2CausalLM.from_pretrained(args.model, dtype=args.dtype)
-    tokenizer = args.tokenizer
-    if tokenizer is None and getattr(model, "tokenizer", None) is None:
-        tokenizer = os.path.join(args.model, "tokenizer.model")
     max_length = args.max_length or model.config.max_position_embeddings
     args.max_new_tokens, note = defaults.serving_max_new_tokens(args.max_new_tokens, max_length)
     if note:
@@ -90,14 +85,12 @@ def run(args):
     options = {k: v for k, v in (("max_new_tokens", args.max_new_tokens),
                                  ("max_shard_size", args.max_shard_size)) if v is not None}
     if args.in_graph_batching:
-        from gemma_keras.serving.batching import InGraphBatching
-
         options["in_graph_batching"] = InGraphBatching(
             max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
             allowed_batch_sizes=args.allowed_batch_sizes,
             num_batch_threads=args.num_batch_threads)
     options.update({k: True for k in ("batching", "xla") if getattr(args, k)})
     path = export_saved_model(model, args.out, version=args.version,
-                              tokenizer_path=tokenizer, max_length=args.max_length,
+                              tokenizer_path=args.tokenizer, max_length=args.max_length,
                               **options)
     print(f"wrote {path}")

@@ -1,10 +1,24 @@
 """`gemma-keras export-tflite`: a model directory to one `.tflite` file with a KV cache."""
 
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from gemma_keras import defaults
+from gemma_keras.commands.eval import format_report
+from gemma_keras.config import Gemma2Config
+from gemma_keras.evaluation.data import read_documents
+from gemma_keras.evaluation.export_check import check_export
+from gemma_keras.tflite.export import export_tflite
+from gemma_keras.tflite.litertlm import write_litertlm
+from gemma_keras.tflite.quantize import DEFAULT_INT8, QUANTIZATIONS
+from gemma_keras.tiny_task import model_dir_or_tiny
+
 
 def parse_lengths(text):
     """'8,64,256' -> (8, 64, 256)."""
-    import argparse
-
     try:
         lengths = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -18,11 +32,6 @@ def parse_lengths(text):
 def derive_lengths(model_dir, kv_cache_max_len, prefill_lens):
     """The cache and prefill lengths, defaults derived from the model's config (with a note
     on stderr when a default was clamped)."""
-    import sys
-
-    from gemma_keras import defaults
-    from gemma_keras.config import Gemma2Config
-
     config = Gemma2Config.from_json_file(model_dir / "config.json")
     kv_cache_max_len, kv_note = defaults.kv_cache_max_len(
         kv_cache_max_len, config.max_position_embeddings)
@@ -34,8 +43,6 @@ def derive_lengths(model_dir, kv_cache_max_len, prefill_lens):
 
 
 def register(subparsers):
-    from gemma_keras.tflite.quantize import DEFAULT_INT8, QUANTIZATIONS
-
     p = subparsers.add_parser(
         "export-tflite", help="export a model to one .tflite file (prefill/decode, KV cache)",
         description="Export a model directory to a .tflite file that the LiteRT interpreter "
@@ -81,10 +88,6 @@ def register(subparsers):
 
 
 def run(args):
-    import os
-    import shutil
-    from pathlib import Path
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
@@ -92,19 +95,12 @@ def run(args):
         raise ValueError(f"--out should name a .tflite file, got {out}")
     if args.bundle == "litertlm" and out.with_suffix(".litertlm").exists() and not args.overwrite:
         raise ValueError(f"{out.with_suffix('.litertlm')} exists; pass --overwrite to replace it")
-    from gemma_keras.tiny_task import model_dir_or_tiny
-
     if args.check:  # bad --check data fails before the export
-        from gemma_keras.evaluation.data import read_documents
-
         read_documents(args.check)
     model_dir = Path(model_dir_or_tiny(args.model))
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # the exporter traces with TF
     args.kv_cache_max_len, args.prefill_lens = derive_lengths(
         model_dir, args.kv_cache_max_len, args.prefill_lens)
-
-    from gemma_keras import defaults
-    from gemma_keras.tflite import export_tflite
 
     score_lens = args.score_lens or ()
     if args.check is not None:
@@ -119,8 +115,6 @@ def run(args):
         shutil.copyfile(tokenizer, beside)
         print(f"copied {tokenizer} to {beside}")
     if args.bundle == "litertlm":
-        from gemma_keras.tflite.litertlm import write_litertlm
-
         bundle = write_litertlm(out, tokenizer, out.with_suffix(".litertlm"))
         print(f"wrote {bundle} ({bundle.stat().st_size:,} bytes) for the LiteRT-LM engine")
     if args.check is not None:
@@ -130,11 +124,6 @@ def run(args):
 
 def _check(args, out, model_dir, tokenizer):
     """Print the export's agreement with the float model; warnings on stderr."""
-    import sys
-
-    from gemma_keras.commands.eval import format_report
-    from gemma_keras.evaluation.export_check import check_export
-
     report = check_export(out, model_dir, data=args.check or None,
                           tokenizer=tokenizer if tokenizer.is_file() else None,
                           progress=not args.quiet)

@@ -1,5 +1,7 @@
 """`gemma-keras finetune`: fine-tune a model on a JSONL file, fully or with LoRA."""
 
+from gemma_keras.tiny_task import model_dir_or_tiny
+
 
 def add_training_arguments(p):
     """The options `finetune` and `distill` share: epochs, batches, LoRA, optimizer,
@@ -34,7 +36,7 @@ def add_training_arguments(p):
 
 
 def training_kwargs(args) -> dict:
-    """The keyword arguments of `training.finetune` and `distill.distill` that
+    """The keyword arguments of `finetune.finetune` and `distill.distill` that
     `add_training_arguments` parsed."""
     return dict(
         epochs=args.epochs, batch_size=args.batch_size, sequence_length=args.sequence_length,
@@ -75,8 +77,7 @@ def register(subparsers):
 
 
 def run(args):
-    from gemma_keras.tiny_task import model_dir_or_tiny
-    from gemma_keras.training import finetune
+    from gemma_keras.finetune import finetune  # Keras and TensorFlow
 
     result = finetune(
         model_dir_or_tiny(args.model), args.data, args.out, checkpoint_dir=args.checkpoint_dir,

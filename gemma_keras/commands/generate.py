@@ -1,5 +1,11 @@
 """`gemma-keras generate`: complete a prompt, printing the text as it streams."""
 
+import argparse
+import sys
+
+from gemma_keras import tflite
+from gemma_keras.tokenizer import tokenizer_of
+
 SAMPLERS = ("greedy", "temperature", "top_k", "top_p")
 
 
@@ -43,9 +49,7 @@ def sampling_kwargs(args):
 def load(args):
     """The model the arguments name: a GemmaTFLite for --tflite, else a Gemma2CausalLM."""
     if args.tflite:
-        from gemma_keras.tflite import GemmaTFLite
-
-        return GemmaTFLite(args.tflite, args.tokenizer)
+        return tflite.GemmaTFLite(args.tflite, args.tokenizer)
     if args.tokenizer:
         raise ValueError("--tokenizer goes with --tflite; a --model directory has its own")
     from gemma_keras.pretrained import load_model
@@ -54,8 +58,6 @@ def load(args):
 
 
 def register(subparsers):
-    import argparse
-
     p = subparsers.add_parser(
         "generate", help="complete a prompt, streaming the text to stdout",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -78,16 +80,12 @@ def register(subparsers):
 
 
 def run(args):
-    import sys
-
     prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
     if not prompt:
         raise ValueError("the prompt is empty")
     model = load(args)
     if args.chat:
-        if model.tokenizer is None:
-            raise ValueError("--chat needs a tokenizer")
-        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = tokenizer_of(model, "--chat").apply_chat_template([{"role": "user", "content": prompt}])
     kwargs = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling_kwargs(args))
     if args.truncate:
         kwargs["truncate"] = True

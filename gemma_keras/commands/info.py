@@ -1,5 +1,10 @@
 """`gemma-keras info`: the config and parameter count of a preset or a model directory."""
 
+import json
+import os
+
+from gemma_keras.config import PRESETS, Gemma2Config
+
 
 def register(subparsers):
     p = subparsers.add_parser("info", help="show a preset's or checkpoint's config and size")
@@ -9,11 +14,6 @@ def register(subparsers):
 
 
 def run(args):
-    import json
-    import os
-
-    from gemma_keras.config import PRESETS, Gemma2Config
-
     if args.source in PRESETS:
         config = Gemma2Config.preset(args.source)
     else:

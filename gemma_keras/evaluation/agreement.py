@@ -51,7 +51,7 @@ def agreement(scorer, reference, documents, context=None, stride=None,
     if not reference.has_logits:
         raise ValueError(f"the reference ({reference.name}) must give logits: use a Keras "
                          "model directory")
-    check_same_tokenizer(scorer.tokenizer.proto_path, reference.tokenizer.proto_path)
+    check_same_tokenizer(scorer.tokenizer, reference.tokenizer)
     windows, context = windows_for(scorer, documents, context, stride)
     for w in windows:
         reference.check_length(len(w.token_ids))

@@ -9,11 +9,10 @@ in characters: the same for ASCII text).
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 
+from gemma_keras.atomic_files import write_atomically
 from gemma_keras.evaluation.data import DataError
 from gemma_keras.evaluation.scorers import score_tails
 
@@ -68,13 +67,4 @@ def evaluate_choice(scorer, questions, output=None, progress=False) -> dict:
 
 def write_jsonl(path, rows):
     """Write `rows` as JSON lines under a temporary name, renamed when complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -11,6 +11,11 @@ from pathlib import Path
 from gemma_keras import defaults
 from gemma_keras.evaluation import data as data_lib
 from gemma_keras.evaluation import scorers
+from gemma_keras.evaluation.agreement import agreement
+from gemma_keras.evaluation.choice import evaluate_choice
+from gemma_keras.evaluation.perplexity import perplexity
+from gemma_keras.tiny_task import model_dir_or_tiny
+from gemma_keras.tokenizer import GemmaTokenizer
 
 TASKS = ("perplexity", "choice")
 
@@ -23,8 +28,6 @@ def _source(model, tflite, saved_model):
         raise ValueError("give one of --model, --tflite, --saved-model")
     if given:
         return given[0]
-    from gemma_keras.tiny_task import model_dir_or_tiny
-
     return "model", model_dir_or_tiny(None)
 
 
@@ -68,8 +71,9 @@ def evaluate(data=None, task="perplexity", model=None, tflite=None, saved_model=
         questions = data_lib.read_questions(data)
     tokenizer_file = scorers.tokenizer_path(kind, path, tokenizer)
     if reference is not None:
-        scorers.check_same_tokenizer(tokenizer_file, scorers.tokenizer_path("model",
-                                                                            reference))
+        scorers.check_same_tokenizer(
+            GemmaTokenizer(tokenizer_file),
+            GemmaTokenizer(scorers.tokenizer_path("model", reference)))
     with _open(kind, path, tokenizer, dtype, batch_size, context) as scorer:
         return _score(scorer, task, documents if task == "perplexity" else questions,
                       Path(data).suffix == ".txt", reference, context, stride, batch_size,
@@ -79,20 +83,14 @@ def evaluate(data=None, task="perplexity", model=None, tflite=None, saved_model=
 def _score(scorer, task, records, whole_text, reference, context, stride, batch_size, output,
            progress):
     if task == "choice":
-        from gemma_keras.evaluation.choice import evaluate_choice
-
         return {"task": "choice", "model": scorer.name,
                 **evaluate_choice(scorer, records, output, progress)}
     context = defaults.eval_context(context, scorer.max_length)
     if stride is None and whole_text:
         stride = context  # one long document: disjoint windows unless --stride is given
     if reference is None:
-        from gemma_keras.evaluation.perplexity import perplexity
-
         return {"task": "perplexity", "model": scorer.name,
                 **perplexity(scorer, records, context, stride, progress)}
-    from gemma_keras.evaluation.agreement import agreement
-
     reference_scorer = _open("model", reference, None, "float32", batch_size, context)
     return {"task": "agreement",
             **agreement(scorer, reference_scorer, records, context, stride, progress)}

@@ -20,6 +20,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from gemma_keras.evaluation.evaluate import evaluate
+from gemma_keras.evaluation.heldout import HELDOUT_TEXT
+
 KL_WARN = 0.05
 TOP1_WARN = 0.90
 
@@ -41,9 +44,6 @@ def check_export(tflite_path, model_dir, data=None, context=None, stride=None,
     """Agreement of the export `tflite_path` (with `score_<T>` signatures) with the float
     model in `model_dir`, on `data` (a .jsonl or .txt file; default the built-in held-out
     text, in windows of `context` tokens), plus `warnings`."""
-    from gemma_keras.evaluation.evaluate import evaluate
-    from gemma_keras.evaluation.heldout import HELDOUT_TEXT
-
     builtin = data is None
     with tempfile.TemporaryDirectory() as work:
         if builtin:

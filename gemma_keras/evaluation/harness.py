@@ -16,6 +16,7 @@ Needs `pip install gemma-keras[eval]`.
 
 from __future__ import annotations
 
+from gemma_keras import defaults
 from gemma_keras.evaluation.scorers import open_scorer, score_tails
 
 _MISSING = ("lm-evaluation-harness is not installed; pip install 'gemma-keras[eval]' "
@@ -62,8 +63,6 @@ class GemmaLM(LM):
             if len(kinds) != 1:
                 raise ValueError("give one of model=, tflite=, saved_model= (or scorer=)")
             scorer = open_scorer(*kinds[0], tokenizer=tokenizer, dtype=dtype)
-        from gemma_keras import defaults
-
         self.scorer = scorer
         self.max_length = defaults.eval_context(
             None if max_length is None else int(max_length), scorer.max_length)

@@ -23,6 +23,10 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from gemma_keras.tflite.runtime import GemmaTFLite
+from gemma_keras.tokenizer import GemmaTokenizer, tokenizer_of
 
 KINDS = ("model", "tflite", "saved_model")
 BLOCK_VALUES = 1 << 22  # host-side float64 log-softmax over this many logits at a time
@@ -111,8 +115,6 @@ def batches(sequences, batch_size, progress=False, what="scoring"):
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
-        from tqdm import tqdm
-
         return tqdm(out, desc=what, unit="batch")
     return out
 
@@ -142,10 +144,7 @@ class KerasScorer(Scorer):
     log-softmax and the picked log-probabilities are computed with the model's backend."""
 
     def __init__(self, model, batch_size=8, name="keras"):
-        if model.tokenizer is None:
-            raise ValueError("the model has no tokenizer attached (tokenizer.model in its "
-                             "directory)")
-        self.model, self.tokenizer, self.name = model, model.tokenizer, name
+        self.model, self.tokenizer, self.name = model, tokenizer_of(model, "scoring"), name
         self.vocab_size = int(model.config.vocab_size)
         self.max_length = int(model.config.max_position_embeddings)
         self.batch_size = int(batch_size)
@@ -221,8 +220,6 @@ class SavedModelScorer(Scorer):
         import tensorflow as tf
         import tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
 
-        from gemma_keras.tokenizer import GemmaTokenizer
-
         self.tf, self.name, self.batch_size = tf, name, int(batch_size)
         self.tokenizer = GemmaTokenizer(tokenizer_path("saved_model", directory))
         self.vocab_size = self.tokenizer.vocab_size  # the signature does not say
@@ -265,14 +262,12 @@ def tokenizer_path(kind, path, tokenizer=None) -> Path:
     return found
 
 
-def check_same_tokenizer(path, reference_path):
-    """Refuse two tokenizer files whose vocabularies differ (naming both files and the first
-    id where they differ)."""
-    if Path(path).read_bytes() == Path(reference_path).read_bytes():
+def check_same_tokenizer(tokenizer, reference):
+    """Refuse two `GemmaTokenizer`s whose vocabularies differ (naming both and the first id
+    where they differ)."""
+    if tokenizer.proto == reference.proto:
         return
-    from gemma_keras.tokenizer import GemmaTokenizer
-
-    a, b = GemmaTokenizer(path), GemmaTokenizer(reference_path)
+    a, b, path, reference_path = tokenizer, reference, tokenizer.name, reference.name
     if a.vocab_size != b.vocab_size:
         raise ValueError(f"the tokenizers differ: {path} has {a.vocab_size} pieces, the "
                          f"reference's {reference_path} has {b.vocab_size}")
@@ -297,8 +292,6 @@ def open_scorer(kind, path=None, tokenizer=None, dtype=None, batch_size=8, name=
 
         return KerasScorer(load_model(path, dtype=dtype), batch_size, name or f"keras:{path}")
     if kind == "tflite":
-        from gemma_keras.tflite import GemmaTFLite
-
         return TFLiteScorer(GemmaTFLite(path, tokenizer), name or f"tflite:{path}")
     if kind == "saved_model":
         if tokenizer is not None:
