@@ -138,7 +138,13 @@ class RssSampler:
 
 
 def record(args, stage, **fields):
-    fields = {"stage": stage, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **fields}
+    """Append one result line (with the time, load average, CPU model and flags)."""
+    import machine
+
+    fields = {"stage": stage, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "loadavg": [round(x, 2) for x in os.getloadavg()],
+              "cpu": " ".join([machine.cpu_model_and_flags()[0],
+                               *machine.cpu_model_and_flags()[1]]), **fields}
     line = json.dumps(fields)
     print(line, flush=True)
     with open(Path(args.out_dir) / "results.jsonl", "a") as f:

@@ -79,6 +79,14 @@ def short_context_model(tiny_tokenizer, tmp_path_factory):
     return directory
 
 
+def test_export_tflite_defaults_to_per_channel_int8():
+    """The command's default quantization is int8 with one scale per row."""
+    from gemma_keras.cli import build_parser
+
+    args = build_parser().parse_args(["export-tflite", "--out", "x.tflite"])
+    assert args.quantize == "int8_channel"
+
+
 def test_defaults_fit_a_model_with_a_short_context(short_context_model, tmp_path, capsys):
     """Every default that depends on the model is derived from it: the commands succeed on a
     64-position model without length options, and say what they clamped."""

@@ -136,6 +136,59 @@ def test_converter_route_records_the_weight_map(exported, converter_exported):
         {e["tensor"]: e["factor"] for e in lean.values()}
 
 
+def test_fp16_weights_are_the_float32_weights_rounded(exported):
+    """The fp16 file holds each weight (found by the weight map) as the float32 file's
+    values rounded to float16, read through a DEQUANTIZE in every signature."""
+    from gemma_keras.tflite.flatbuffer import TFLiteFile
+    from gemma_keras.tflite.weight_map_metadata import read_weight_map
+
+    def by_tensor(path, dtype):
+        with TFLiteFile(path) as file:
+            return {e["tensor"]: np.frombuffer(file.buffer_bytes(b), dtype)
+                    for b, e in read_weight_map(file).items()}
+
+    float32 = by_tensor(exported["none"], np.float32)
+    float16 = by_tensor(exported["fp16"], np.float16)
+    assert sorted(float16) == sorted(float32)
+    for name, values in float32.items():
+        np.testing.assert_array_equal(float16[name], values.astype(np.float16))
+    dequantized = _constant_operands(exported["fp16"], "DEQUANTIZE", 0)
+    assert {b for _, _, b, _ in dequantized} >= set(read_weight_map(exported["fp16"]))
+
+
+def test_lean_export_converts_one_float32_template(monkeypatch, tmp_path):
+    """Every mode, fp16 included, is written from one float32 template: the converter runs
+    once, without its float16 pass (which holds the 2B's float16 weights in full)."""
+    from gemma_keras.tflite import export_graph
+    from gemma_keras.tflite.export import export_tflite_variants
+
+    calls, convert = [], export_graph.convert
+
+    def recording(saved_model_dir, keys, quantize, placeholders=False):
+        calls.append((quantize, placeholders))
+        return convert(saved_model_dir, keys, quantize, placeholders)
+
+    monkeypatch.setattr(export_graph, "convert", recording)
+    lm = random_keras_lm(SMALL, seed=6)
+    export_tflite_variants(lm, {q: tmp_path / f"{q}.tflite" for q in ("fp16", "dynamic_int8")},
+                           kv_cache_max_len=16, prefill_lens=(4,), progress=False)
+    assert calls == [("none", True)]
+
+
+def test_float16_clamps_like_the_converter():
+    """The converter clamps to +-65504 before rounding (ties to even): nothing becomes inf."""
+    from gemma_keras.tflite.float16_constants import to_float16
+
+    values = np.array([-1e30, 65520.0, 65519.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, np.nan],
+                      np.float32)
+    assert np.float16(np.float32(65520.0)) == np.inf  # what a plain cast would store
+    got = to_float16(values)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got[:5], [-65504.0, 65504.0, 65504.0, 1.0,
+                                            1.0 + 2 * 2.0**-10])
+    assert np.isnan(got[5])
+
+
 @pytest.mark.parametrize("quantize", ["none", "fp16", "dynamic_int8"])
 def test_flatbuffer_reads_and_writes_back_the_same_bytes(exported, quantize, tmp_path):
     """`flatbuffer.TFLiteFile` unpacks a lean export and `rewrite_file` writes it back (the
@@ -224,7 +277,8 @@ def _constant_operands(path, op_name, operand):
     model = schema.Model.GetRootAsModel(data, 0)
     codes = [max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
              for c in map(model.OperatorCodes, range(model.OperatorCodesLength()))]
-    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.INT8: np.int8}
+    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16,
+              schema.TensorType.INT8: np.int8}
     out = []
     for s in range(model.SubgraphsLength()):
         subgraph = model.Subgraphs(s)

@@ -2,10 +2,10 @@
 
 TensorFlow's converter sees the export graph with a splat placeholder for every weight
 matrix (`template.py`: a template file of a few MB, whatever the model's size), and
-`weight_writer.py` writes each requested file from the template, reading the weights one
-block of rows at a time from where they are: a Hugging Face safetensors directory, a
-gemma-keras model directory, or a `Gemma2CausalLM` in memory. A model directory is never
-loaded whole. The int4 modes and "int8_channel" requantize the "dynamic_int8" file
+`weight_writer.py` writes each requested file from that one float32 template (float32,
+float16 and int8 alike), reading the weights one block of rows at a time from where they
+are: a Hugging Face safetensors directory, a gemma-keras model directory, or a
+`Gemma2CausalLM` in memory. A model directory is never loaded whole. The int4 modes and "int8_channel" requantize the "dynamic_int8" file
 (`requantize.py`), finding each weight by the checkpoint name the file records.
 "weight_only_int8" runs ai-edge-quantizer on the float32 file, in memory (about 4.5 times the
 float32 file: small models only).
@@ -66,18 +66,17 @@ def export_lean(model, source, outputs, kv_cache_max_len, prefill_lens, score_le
     with tempfile.TemporaryDirectory(prefix=".gemma_tflite_", dir=work_parent) as work:
         work = Path(work)
         files = {}
-        for kind in sorted({"fp16" if q == "fp16" else "none" for q in writes}):
-            flatbuffer, placeholders = template_lib.convert_template(
-                model, source, kv_cache_max_len, prefill_lens, kind, score_lens, work)
-            template = work / f"template_{kind}.tflite"
-            template.write_bytes(flatbuffer)
-            del flatbuffer
-            steps.update(f"converted the template ({kind})")
-            for encoding in sorted(q for q in writes if (q == "fp16") == (kind == "fp16")):
-                files[encoding] = outputs.get(encoding, work / f"{encoding}.tflite")
-                weight_writer.write_weights(template, placeholders, source, encoding,
-                                            files[encoding])
-                steps.update(f"wrote {files[encoding].name}")
+        flatbuffer, placeholders = template_lib.convert_template(
+            model, source, kv_cache_max_len, prefill_lens, score_lens, work)
+        template = work / "template.tflite"
+        template.write_bytes(flatbuffer)
+        del flatbuffer
+        steps.update("converted the template")
+        for encoding in sorted(writes):
+            files[encoding] = outputs.get(encoding, work / f"{encoding}.tflite")
+            weight_writer.write_weights(template, placeholders, source, encoding,
+                                        files[encoding])
+            steps.update(f"wrote {files[encoding].name}")
         for quantize in int8_modes:
             requantize_lib.requantize_tflite(files["dynamic_int8"], source, quantize,
                                              outputs[quantize])

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 QUANTIZATIONS = ("none", "fp16", "dynamic_int8", "int8_channel", "weight_only_int8",
                  "int4_block32", "int4_block128", "int4_channel")
+# `gemma-keras export-tflite`'s default: int8 with one scale per row. On the random 2B it
+# decodes as fast as per-tensor "dynamic_int8" (XNNPACK runs both with its per-channel int8
+# kernel) with 0.7x its logit error (benchmarks/README.md).
+DEFAULT_INT8 = "int8_channel"
 
 # Stored bytes per weight-matrix value of each mode, scales included (int4 blocks carry one
 # float16 scale each; "int4_channel" one float32 per row, not counted here). Norm scales

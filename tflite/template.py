@@ -42,8 +42,7 @@ class Placeholder:
 def placeholder_values(specs, config):
     """`{hf_name: Placeholder}` of every 2-D weight of `specs` (`weight_map.weight_specs`).
 
-    Values 1 + (i + 1) / 1024 are exact and distinct in float32 and in float16 (the fp16
-    template's), and none is 1."""
+    Values 1 + (i + 1) / 1024 are exact and distinct in float32, and none is 1."""
     factors = stored_factors(config)
     matrices = [s for s in specs if len(s.hf_shape) == 2]
     if len(matrices) >= 1023:
@@ -109,13 +108,13 @@ def weightless_model(config):
         return Gemma2CausalLM(config, dtype="float32")
 
 
-def convert_template(model, source, kv_cache_max_len, prefill_lens, quantize="none",
-                     score_lens=(), work_dir=None):
-    """The template flatbuffer (bytes) of `model`'s export graph and its placeholders.
+def convert_template(model, source, kv_cache_max_len, prefill_lens, score_lens=(),
+                     work_dir=None):
+    """The float32 template flatbuffer (bytes) of `model`'s export graph and its placeholders
+    (every encoding, "fp16" included, is written from it by `weight_writer`).
 
     `model`: a float32 `Gemma2CausalLM` (weightless or not: its variables are never read);
-    `source`: a `weight_sources.WeightSource` giving the norm scales; `quantize`: "none"
-    (float32 weights) or "fp16" (the converter's float16 weights with a DEQUANTIZE each).
+    `source`: a `weight_sources.WeightSource` giving the norm scales.
     Returns `(bytes, {hf_name: Placeholder})`.
     """
     import tensorflow as tf
@@ -129,6 +128,6 @@ def convert_template(model, source, kv_cache_max_len, prefill_lens, quantize="no
     with tempfile.TemporaryDirectory(prefix=".gemma_tflite_template_", dir=work_dir) as work:
         saved_model_dir = Path(work) / "saved_model"
         tf.saved_model.save(signatures.module, str(saved_model_dir), signatures=functions)
-        flatbuffer = export_graph.convert(saved_model_dir, list(functions), quantize,
+        flatbuffer = export_graph.convert(saved_model_dir, list(functions), "none",
                                           placeholders=True)
     return flatbuffer, placeholders

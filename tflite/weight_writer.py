@@ -6,8 +6,9 @@ signature, as TensorFlow's converter stores a weight, and writes the file with t
 values in one of the converter's own encodings:
 
 - "none": float32;
-- "fp16": float16 (from a template converted with `quantize="fp16"`, whose DEQUANTIZE ops
-  are the converter's own);
+- "fp16": the converter's float16 encoding, written from the float32 template: every stored
+  float32 tensor (weights and the graph's own constants) in float16 behind a DEQUANTIZE
+  (`float16_constants.py`);
 - "dynamic_int8": the converter's dynamic-range int8: symmetric, one float32 scale per tensor
   (max |w| / 127), FULLY_CONNECTED at version 9 with `asymmetric_quantize_inputs`, and each
   table GATHER reading int8 rows into a DEQUANTIZE.
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from gemma_keras.conventions import WEIGHT_MAP_METADATA
 from gemma_keras.tflite import flatbuffer
 from gemma_keras.tflite.flatbuffer import TFLiteFile, is_stored, schema, write_with_offsets
+from gemma_keras.tflite.float16_constants import dequantize_constants, to_float16
 from gemma_keras.tflite.template import table_value
 from gemma_keras.tflite.weight_encoding import int8_step, quantize_int8_per_tensor
 from gemma_keras.tflite.weight_map_metadata import encode_weight_map
@@ -76,24 +78,27 @@ def write_weights(template_path, placeholders, source, encoding, out_path, progr
                 weight.scale = _int8_scale(source, weight)
             _quantize_int8(model, weights)
         referenced = _drop_unused(model)
+        stored = _stored_buffers(template, model, referenced, weights, splats)
+        halved = set()
+        if encoding == "fp16":
+            halved = dequantize_constants(model, set(stored))
+            for buffer in halved & set(splats):
+                value, count = splats[buffer]
+                splats[buffer] = (to_float16(np.frombuffer(value, np.float32)).tobytes(), count)
         _add_weight_map(model, weights, encoding)
-        _write(out_path, template, model, referenced, weights, splats, source, encoding,
+        _write(out_path, template, model, stored, halved, weights, splats, source, encoding,
                progress)
     return out_path
 
 
 # ------------------------------------------------------------------ finding placeholders
 def _find_placeholders(template, model, placeholders):
-    """`({hf_name: StoredWeight}, {buffer: (value, dtype)})`: the weights the template's
+    """`({hf_name: StoredWeight}, {buffer: (value bytes, count)})`: the weights the template's
     FILL ops (or splat buffers) stand for, and the other constant FILLs, which become stored
     splats as the converter would have stored them."""
-    by_value = {}
-    for p in placeholders.values():
-        for dtype in (np.float32, np.float16):
-            by_value[(np.dtype(dtype).str, dtype(table_value(p)).tobytes())] = p
+    by_value = {np.float32(table_value(p)).tobytes(): p for p in placeholders.values()}
     weights, splats = {}, {}
     fill = schema.BuiltinOperator.FILL
-    types = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16}
     for s, subgraph in enumerate(model.subgraphs):
         for op in list(subgraph.operators):
             if flatbuffer.builtin(model, op) != fill:
@@ -102,9 +107,10 @@ def _find_placeholders(template, model, placeholders):
             if not (is_stored(model, shape_t) and is_stored(model, value_t)):
                 continue  # a FILL of a computed shape or value: part of the graph
             out = int(op.outputs[0])
-            dtype = types.get(value_t.type)
-            value = _read_value(template, value_t, dtype) if dtype else None
-            p = by_value.get((np.dtype(dtype).str, value.tobytes())) if dtype else None
+            value = None
+            if value_t.type == schema.TensorType.FLOAT32:
+                value = _read_value(template, value_t, np.float32)
+            p = by_value.get(value.tobytes()) if value is not None else None
             subgraph.operators.remove(op)
             if p is None:  # a large splat constant of the graph itself
                 buffer = subgraph.tensors[out].buffer
@@ -114,14 +120,14 @@ def _find_placeholders(template, model, placeholders):
                 continue
             _add_use(weights, p, subgraph.tensors[out], (s, out))
         for t, tensor in enumerate(subgraph.tensors):  # small weights stay stored splats
-            dtype = types.get(tensor.type)
-            if dtype is None or not is_stored(model, tensor) or len(tensor.shape) != 2:
+            if (tensor.type != schema.TensorType.FLOAT32 or not is_stored(model, tensor)
+                    or len(tensor.shape) != 2):
                 continue
             position, nbytes = template.span(tensor.buffer)
-            first = template.read(position, 1, dtype)
-            p = by_value.get((np.dtype(dtype).str, first.tobytes()))
+            first = template.read(position, 1, np.float32)
+            p = by_value.get(first.tobytes())
             if p is not None and tuple(tensor.shape) == p.shape:
-                if np.any(template.read(position, nbytes // first.itemsize, dtype) != first):
+                if np.any(template.read(position, nbytes // 4, np.float32) != first):
                     continue
                 _add_use(weights, p, tensor, (s, t))
     missing = sorted(set(placeholders) - set(weights))
@@ -282,7 +288,7 @@ def _blocks(source, weight):
 def _encoded_blocks(source, weight, encoding):
     for values in _blocks(source, weight):
         if encoding == "fp16":
-            yield values.astype(np.float16)
+            yield to_float16(values)
         elif encoding == "dynamic_int8":
             yield quantize_int8_per_tensor(values, weight.peak)
         else:
@@ -294,22 +300,32 @@ def _weight_nbytes(weight, encoding):
     return int(np.prod(weight.shape)) * itemsize
 
 
-def _write(out_path, template, model, referenced, weights, splats, source, encoding,
-           progress):
-    by_buffer = {w.buffer: w for w in weights.values()}
+def _stored_buffers(template, model, referenced, weights, splats):
+    """The buffers the output stores data in, in file order: the weights, the splats and the
+    template's own constants (not the metadata, which stays in the flatbuffer)."""
     inline = {m.buffer for m in model.metadata or []}
+    own = {w.buffer for w in weights.values()} | set(splats)
     in_template = template.root.BuffersLength()
+    return [index for index in range(len(model.buffers))
+            if index in referenced and index not in inline
+            and (index in own or (index < in_template and template.span(index)[1]))]
+
+
+def _write(out_path, template, model, stored, halved, weights, splats, source, encoding,
+           progress):
+    """Write the file: `stored` buffers in order, those of `halved` (the template's float32
+    constants in "fp16") converted to float16."""
+    by_buffer = {w.buffer: w for w in weights.values()}
     order = []
-    for index in range(len(model.buffers)):
-        if index in inline or index not in referenced:
-            continue
+    for index in stored:
         if index in by_buffer:
             order.append((index, _weight_nbytes(by_buffer[index], encoding)))
         elif index in splats:
             value, count = splats[index]
             order.append((index, len(value) * count))
-        elif index < in_template and template.span(index)[1]:
-            order.append((index, template.span(index)[1]))
+        else:
+            size = template.span(index)[1]
+            order.append((index, size // 2 if index in halved else size))
     bar = tqdm(total=len(weights), desc=f"weights ({encoding})", unit="tensor",
                disable=not progress)
 
@@ -321,6 +337,8 @@ def _write(out_path, template, model, referenced, weights, splats, source, encod
         elif index in splats:
             value, count = splats[index]
             f.write(value * count)
+        elif index in halved:
+            f.write(to_float16(np.frombuffer(template.buffer_bytes(index), np.float32)).tobytes())
         else:
             template.copy_buffer(index, f)
 

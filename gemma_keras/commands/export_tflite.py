@@ -13,7 +13,7 @@ from gemma_keras.evaluation.data import read_documents
 from gemma_keras.evaluation.export_check import check_export
 from gemma_keras.tflite.export import export_tflite
 from gemma_keras.tflite.litertlm import write_litertlm
-from gemma_keras.tflite.quantize import QUANTIZATIONS
+from gemma_keras.tflite.quantize import DEFAULT_INT8, QUANTIZATIONS
 from gemma_keras.tiny_task import model_dir_or_tiny
 
 
@@ -58,13 +58,13 @@ def register(subparsers):
                    help="a gemma-keras or Hugging Face model directory (default: the bundled "
                         "tiny model)")
     p.add_argument("--out", required=True, metavar="FILE.tflite", help="the file to write")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULT_INT8,
                    help="none (float32); fp16 and dynamic_int8 (TensorFlow's converter's "
                         "encodings, per-tensor int8); int8_channel (int8, one scale per row); "
                         "weight_only_int8 (ai-edge-quantizer); int4_block32, int4_block128, "
                         "int4_channel (int4 with one scale per 32 or 128 weights, or per "
                         "row: the fastest on CPU). "
-                        "Default: none")
+                        f"Default: {DEFAULT_INT8}")
     p.add_argument("--kv-cache-max-len", type=int, default=None, metavar="N",
                    help="cache slots: the most tokens (prompt + generated) per conversation "
                         "(default 1024, or the model's max_position_embeddings if smaller)")
