@@ -15,9 +15,9 @@ import numpy as np
 from gemma_keras.conventions import WEIGHT_MAP_METADATA
 from gemma_keras.tflite import flatbuffer
 from gemma_keras.tflite.requantize_plan import find_weights
+from gemma_keras.tflite.weight_encoding import ROUNDING_TOLERANCE, int8_rounding_error
 from gemma_keras.tflite.weight_map_metadata import encode_weight_map
 
-_TOLERANCE = 1.001  # |q * s - W| <= s / 2 times this: the converter rounds W * (1 / s)
 
 
 def record_weight_map(int8_path, source, factors):
@@ -39,9 +39,9 @@ def record_weight_map(int8_path, source, factors):
                 continue
             values = source.read(name) * np.float32(factors.get(name, 1.0))
             for w in candidates:
-                rows, cols, dequantized = samples[w.buffer]
-                bound = np.maximum(w.scales[rows] / 2, 1e-30) * _TOLERANCE
-                if np.all(np.abs(values[rows, cols] - dequantized) <= bound):
+                rows, cols, q = samples[w.buffer]
+                error = int8_rounding_error(values[rows, cols], q, w.scales[rows])
+                if np.all(error <= ROUNDING_TOLERANCE):
                     matches[w.buffer].append(name)
             del values
         for w in weights:
@@ -57,10 +57,10 @@ def record_weight_map(int8_path, source, factors):
 
 
 def _sample(file, weight, count=512):
-    """(rows, cols, dequantized int8 values) at `count` fixed positions of `weight`."""
+    """(rows, cols, int8 values) at `count` fixed positions of `weight`."""
     rng = np.random.default_rng(weight.rows * 1_000_003 + weight.cols)
     flat = np.sort(rng.choice(weight.rows * weight.cols, min(count, weight.rows * weight.cols),
                               replace=False))
     rows, cols = flat // weight.cols, flat % weight.cols
     q = np.array([file.read(weight.position + int(p), 1, np.int8)[0] for p in flat])
-    return rows, cols, q * weight.scales[rows]
+    return rows, cols, q

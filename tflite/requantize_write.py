@@ -13,10 +13,14 @@ import numpy as np
 from tqdm import tqdm
 
 from gemma_keras.tflite.flatbuffer import write_with_offsets
-from gemma_keras.tflite.weight_encoding import quantize_channelwise, quantize_int4_blockwise
+from gemma_keras.tflite.weight_encoding import (
+    ROUNDING_TOLERANCE,
+    int8_rounding_error,
+    quantize_channelwise,
+    quantize_int4_blockwise,
+)
 
 _CHUNK_BYTES = 16 << 20
-_TOLERANCE = 1.001  # |q * s - W| <= s / 2 times this: the converter rounds W * (1 / s)
 
 
 def write(out_path, file, model, weights, scales_buffers, source, block, progress=False):
@@ -90,8 +94,8 @@ def _verify(file, weight, start, values):
     weight map and the source agree."""
     q = file.read(weight.position + start * weight.cols, values.size, np.int8)
     steps = weight.scales[start:start + len(values), None]
-    error = np.abs(values - q.reshape(values.shape) * steps) / np.maximum(steps / 2, 1e-30)
-    if error.max() > _TOLERANCE:
+    error = int8_rounding_error(values, q.reshape(values.shape), steps)
+    if error.max() > ROUNDING_TOLERANCE:
         row = start + int(np.argmax(error.max(axis=1)))
         raise ValueError(f"checkpoint tensor {weight.source!r} does not hold the values of "
                          f"tensor {weight.name!r} at row {row}: off by {error.max() / 2:.3g} "

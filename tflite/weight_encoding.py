@@ -78,3 +78,13 @@ def quantize_channelwise(values, scales, bits=4):
     if bits == 8:
         return np.ravel(q).astype(np.int8)
     return transformation_utils.pack_data(4, np.ravel(q).view(np.uint8))
+
+
+# |q * s - W| <= s / 2 times this when W rounds to q: the converter rounds W * (1 / s).
+ROUNDING_TOLERANCE = 1.001
+
+
+def int8_rounding_error(values, q, steps):
+    """|values - q * steps| in half steps: at most `ROUNDING_TOLERANCE` where each value
+    rounds to its int8 `q` with step (scale) `steps`."""
+    return np.abs(values - q * steps) / np.maximum(steps / 2, 1e-30)
