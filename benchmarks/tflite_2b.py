@@ -484,13 +484,13 @@ def stage_llamacpp(args):
     hf = Path(args.model_dir or Path(args.out_dir) / "hf")
     bf16 = Path(args.out_dir) / "gemma2_2b_bf16.gguf"
     env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
-    if not bf16.exists():
+    ggufs = {q: Path(args.out_dir) / f"gemma2_2b_{q}.gguf" for q in args.llama_quants.split(",")}
+    if not bf16.exists() and not all(g.exists() for g in ggufs.values()):
         _, seconds, peak = _timed_child([sys.executable, root / "convert_hf_to_gguf.py", hf,
                                          "--outtype", "bf16", "--outfile", bf16], env)
         record(args, "gguf", quant="bf16", path=str(bf16), seconds=round(seconds, 1),
                peak_rss_gib=peak and round(peak, 2), file_bytes=bf16.stat().st_size)
-    for quant in args.llama_quants.split(","):
-        gguf = Path(args.out_dir) / f"gemma2_2b_{quant}.gguf"
+    for quant, gguf in ggufs.items():
         if not gguf.exists():
             _, seconds, peak = _timed_child([root / "build/bin/llama-quantize", bf16, gguf,
                                              quant, args.threads])
@@ -560,19 +560,27 @@ def stage_litert(args):
     load_s = time.perf_counter() - t0
     rss_after_load = {k: round(v, 3) for k, v in proc_status().items()}
 
+    def decode(depth, token):
+        """Seconds of each of 1 + --decode-steps greedy steps from position `depth` (the
+        first step also does one-off work and is not timed), and the tokens."""
+        model._pos, times, tokens = depth, [], []
+        for _ in range(args.decode_steps + 1):
+            t0 = time.perf_counter()
+            logits = model.step(token)
+            times.append(time.perf_counter() - t0)
+            token = int(np.argmax(logits))
+            tokens.append(token)
+        return times, tokens
+
+    # Decode at depth 0 first (as llama-bench's tg test), then the prompt (which overwrites
+    # those positions) and decode after it, at depth = prompt length.
+    times0, _ = decode(0, int(prompt[0]))
     prefill_times = []
     for _ in range(2):  # the first run also does one-off work (XNNPACK packing, allocation)
         t0 = time.perf_counter()
         model._run(prefill_t, prompt, 0)
         prefill_times.append(time.perf_counter() - t0)
-    model._pos = prefill_t
-    token, times, tokens = int(prompt[-1]), [], []
-    for _ in range(args.decode_steps + 1):  # the first step is not timed
-        t0 = time.perf_counter()
-        logits = model.step(token)
-        times.append(time.perf_counter() - t0)
-        token = int(np.argmax(logits))
-        tokens.append(token)
+    times, tokens = decode(prefill_t, int(prompt[-1]))
     decode_s = float(np.median(times[1:]))
     results = dict(
         runtime=runtime, label=LITERT_RUNTIMES[runtime], tflite=args.tflite, file_bytes=size,
@@ -580,8 +588,10 @@ def stage_litert(args):
         decode_steps=args.decode_steps, load_s=round(load_s, 2),
         first_prefill_s=round(prefill_times[0], 2),
         prefill_tok_s=round(prefill_t / prefill_times[1], 2),
-        first_decode_s=round(times[0], 3), decode_tok_s=round(1 / decode_s, 3),
+        first_decode_s=round(times0[0], 3), decode_tok_s=round(1 / decode_s, 3),
+        decode_at_0_tok_s=round(1 / float(np.median(times0[1:])), 3),
         decode_ms=[round(1e3 * t, 1) for t in times[1:]],
+        decode_at_0_ms=[round(1e3 * t, 1) for t in times0[1:]],
         file_gb_s=round(size / decode_s / 1e9, 2), tokens=tokens,
         rss_after_load_gib=rss_after_load,
         rss_after_decode_gib={k: round(v, 3) for k, v in proc_status().items()})
@@ -756,7 +766,6 @@ def stage_bandwidth(args):
 def stage_quant_error(args):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
     from gemma_keras.tflite import export_tflite
 
@@ -784,7 +793,9 @@ def stage_quant_error(args):
         seq = rng.integers(3, config.vocab_size, prefill_t + steps).astype(np.int32)
     ref = np.asarray(model({"token_ids": seq[None], "padding_mask": np.ones((1, len(seq)))}))
     ref = ref[0, prefill_t:]  # the logits decode produces at positions prefill_t, ...
-    rows = []
+    # Export every mode first, then let the Keras model go (10.5 GB at full size) before the
+    # interpreter runs the files.
+    exported, rows = [], []
     for quantize in args.modes.split(","):
         out = Path(args.out_dir) / f"qerr_{name}_{quantize}.tflite"
         sampler.mark(f"export {quantize}")
@@ -796,38 +807,58 @@ def stage_quant_error(args):
             rows.append(dict(quantize=quantize, error=f"{type(e).__name__}: {e}"))
             print(rows[-1], flush=True)
             continue
-        export_s = time.perf_counter() - t0
+        exported.append((quantize, out, round(time.perf_counter() - t0, 1)))
+    sampler.mark("release the model")
+    del model
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+    rss_without_model = round(proc_status()["VmRSS"], 2)
+    print(f"RSS without the Keras model: {rss_without_model} GiB", flush=True)
+    for quantize, out, export_s in exported:
         sampler.mark(f"run {quantize}")
-        interp = Interpreter(model_path=str(out), num_threads=args.threads)
-        prefill = interp.get_signature_runner(prefill_name(prefill_t))
-        decode = interp.get_signature_runner(DECODE)
-        details = decode.get_input_details()
-        names = [n for n in details if n in cache_name_set(len(details))]
-        cache = {n: np.zeros(details[n]["shape"], np.float32) for n in names}
-        o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
-                    mask=causal_mask(range(prefill_t), cache_len), **cache)
-        cache = {n: o[n] for n in names}
-        got = []
-        for i in range(steps):  # teacher-forced: feed the reference sequence
-            pos = prefill_t + i
-            o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
-                       mask=causal_mask([pos], cache_len), **cache)
-            cache = {n: o[n] for n in names}
-            got.append(o[LOGITS][0, -1])
-        got = np.stack(got)
+        got = _teacher_forced_logits(out, seq, prefill_t, steps, cache_len, args.threads)
         err = got - ref
-        rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size,
-                         export_s=round(export_s, 1),
+        rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size, export_s=export_s,
                          max_abs=float(np.abs(err).max()), mean_abs=float(np.abs(err).mean()),
                          rel_rms=float(np.sqrt((err**2).mean() / (ref**2).mean())),
                          top1_agree=float((got.argmax(-1) == ref.argmax(-1)).mean()),
                          finite=bool(np.isfinite(got).all())))
         print(rows[-1], flush=True)
-        del interp, prefill, decode, o, cache
         out.unlink()
     phases = sampler.stop()
     record(args, "quant_error", config=name, logit_rms=float(np.sqrt((ref**2).mean())),
-           rows=rows, peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
+           rows=rows, peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases,
+           rss_without_model_gib=rss_without_model)
+
+
+def _teacher_forced_logits(path, seq, prefill_t, steps, cache_len, threads):
+    """Logits [steps, vocab] of the .tflite file at `path` at positions prefill_t, ...:
+    `seq[:prefill_t]` through the prefill signature, then each next token of `seq` through
+    decode (teacher-forced), with the classic Interpreter's signature runners."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=threads)
+    prefill = interp.get_signature_runner(prefill_name(prefill_t))
+    decode = interp.get_signature_runner(DECODE)
+    details = decode.get_input_details()
+    names = [n for n in details if n in cache_name_set(len(details))]
+    cache = {n: np.zeros(details[n]["shape"], np.float32) for n in names}
+    o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
+                mask=causal_mask(range(prefill_t), cache_len), **cache)
+    cache = {n: o[n] for n in names}
+    got = []
+    for i in range(steps):
+        pos = prefill_t + i
+        o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
+                   mask=causal_mask([pos], cache_len), **cache)
+        cache = {n: o[n] for n in names}
+        got.append(o[LOGITS][0, -1])
+    return np.stack(got)
 
 
 def _fake_quant(block, mode, is_embedding, stat):
@@ -1066,33 +1097,82 @@ def stage_report(args):
                       f"{row['top1_agree']:.2f} |")
 
 
+LLAMA_PAIRS = {"Q8_0": ("int8",), "Q4_0": ("int4",), "Q4_K_M": ("int4",)}
+
+
+def _tflite_mode(path):
+    """The quantization a benchmark file's name ends with (`gemma2_2b_<mode>[_suffix]`)."""
+    from gemma_keras.tflite.quantize import QUANTIZATIONS
+
+    name = Path(path).name
+    return max((q for q in QUANTIZATIONS if f"_{q}." in name or f"_{q}_" in name),
+               key=len, default=None)
+
+
+def _runs(values, digits=2):
+    """`a / b / ...` of one figure over a file's runs, in run order."""
+    return " / ".join(f"{v:.{digits}f}" if v is not None else "-" for v in values)
+
+
 def _report_llamacpp(lines, litert):
-    """llama.cpp's rows, and TFLite's decode speed over theirs (same threads, prompt)."""
-    llama = {r["quant"]: r for r in lines if r["stage"] == "llamacpp"}
+    """Side by side with llama.cpp: each file's speeds (every run, in run order) and the
+    TFLite/llama.cpp ratios of the runs of the same round (the k-th run of each)."""
+    llama = {}
+    for r in lines:
+        if r["stage"] == "llamacpp":
+            llama.setdefault(r["quant"], []).append(r)
     if not llama:
         return
-    print("\n| llama.cpp | file bytes | threads | prefill tok/s | decode tok/s | decode tok/s "
-          "at depth | bench peak RSS GiB | RSS / file |")
+    cached = [r for r in litert if r["runtime"] == "cached"]
+    runs = cached or [r for r in litert if r["runtime"] == "compiled"]
+    tfl = {}
+    for r in runs:
+        tfl.setdefault((Path(r["tflite"]).name, r["cache_len"]), []).append(r)
+    depth = next(iter(llama.values()))[0]["prefill_tokens"]
+    print(f"\nSide by side (each figure: every run, in run order; TFLite "
+          f"{'with the XNNPACK weight cache loaded' if cached else 'without a weight cache'}"
+          f"; prompt {depth} tokens):\n")
+    print(f"| file | cache | file bytes | prefill {depth} tok/s | decode tok/s at depth 0 | "
+          f"decode tok/s at depth {depth} | RSS GiB after decode (bench peak) | RSS / file |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for q, r in llama.items():
-        rss = r.get("bench_peak_rss_gib")
-        print(f"| {q} | {r['file_bytes']:,} | {r['threads']} | {r['prefill_tok_s']} | "
-              f"{r['decode_tok_s']} | {r['decode_at_depth_tok_s']} | {rss} | "
-              f"{rss and round(rss * GIB / r['file_bytes'], 2)} |")
-    pairs = [("dynamic_int8", "Q8_0"), ("int8_channel", "Q8_0"), ("int4_channel", "Q4_0"),
-             ("int4_channel", "Q4_K_M"), ("int4_block32", "Q4_0"), ("int4_block32", "Q4_K_M")]
-    print("\n| TFLite file (GemmaTFLite, no weight cache) | llama.cpp | prefill ratio | "
-          "decode ratio (TFLite at depth = prompt / llama.cpp at depth) | RSS / file TFLite |")
-    print("| --- | --- | --- | --- | --- |")
-    for mode, quant in pairs:
-        runs = [r for r in litert if r["runtime"] == "compiled"
-                and Path(r["tflite"]).name.endswith(f"_{mode}.tflite")]
-        if not runs or quant not in llama:
-            continue
-        r, l = runs[-1], llama[quant]
-        rss = r["rss_after_decode_gib"]["VmRSS"] * GIB / r["file_bytes"]
-        print(f"| {mode} | {quant} | {r['prefill_tok_s'] / l['prefill_tok_s']:.2f} | "
-              f"{r['decode_tok_s'] / l['decode_at_depth_tok_s']:.2f} | {rss:.2f} |")
+    for (name, cache_len), rs in tfl.items():
+        size = rs[0]["file_bytes"]
+        rss = [r["rss_after_decode_gib"]["VmRSS"] for r in rs]
+        print(f"| {name} | {cache_len} | {size:,} | {_runs([r['prefill_tok_s'] for r in rs])} | "
+              f"{_runs([r.get('decode_at_0_tok_s') for r in rs])} | "
+              f"{_runs([r['decode_tok_s'] for r in rs])} | {_runs(rss)} | "
+              f"{_runs([x * GIB / size for x in rss])} |")
+    for q, rs in llama.items():
+        size = rs[0]["file_bytes"]
+        rss = [r.get("bench_peak_rss_gib") for r in rs]
+        print(f"| llama.cpp {q} | (as filled) | {size:,} | "
+              f"{_runs([r['prefill_tok_s'] for r in rs])} | "
+              f"{_runs([r['decode_tok_s'] for r in rs])} | "
+              f"{_runs([r['decode_at_depth_tok_s'] for r in rs])} | {_runs(rss)} | "
+              f"{_runs([x and x * GIB / size for x in rss])} |")
+    print(f"\n| TFLite file | cache | llama.cpp | prefill ratio | decode ratio at depth 0 | "
+          f"decode ratio at depth {depth} | decode ratio at depth {depth}, best run over "
+          f"best run |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for quant, prefixes in LLAMA_PAIRS.items():
+        for (name, cache_len), rs in tfl.items():
+            mode = _tflite_mode(name)
+            if quant not in llama or not mode or not any(p in mode for p in prefixes):
+                continue
+            pairs = list(zip(rs, llama[quant]))
+
+            def ratio(ours, theirs):
+                return _runs([a.get(ours) / b[theirs] if a.get(ours) and b.get(theirs)
+                              else None for a, b in pairs])
+
+            best = (max(r["decode_tok_s"] for r in rs)
+                    / max(r["decode_at_depth_tok_s"] for r in llama[quant]))
+            print(f"| {name} | {cache_len} | {quant} | {ratio('prefill_tok_s', 'prefill_tok_s')}"
+                  f" | {ratio('decode_at_0_tok_s', 'decode_tok_s')} | "
+                  f"{ratio('decode_tok_s', 'decode_at_depth_tok_s')} | {best:.2f} |")
+    print(f"\nllama-bench sizes its context to each test and attends over the filled "
+          f"positions only; the TFLite decode step always covers all cache slots (its "
+          f"attention costs the same at depth 0 and at depth {depth}).")
 
 
 def main():
