@@ -9,34 +9,42 @@ appends one JSON line to `<out-dir>/results.jsonl`; `report` prints the Markdown
 Stages (each also callable alone; `--layers N` builds the 2B's width with N of its 26 layers,
 `--small` a tiny config, for dry runs):
 
-  requantize    `gemma_keras.tflite.requantize.requantize_tflite` of --tflite (a dynamic_int8
-                export of this config's random model) to --quantize (int4), the float weights
-                regenerated one at a time; seconds, peak RSS, size.
-  export        build the random 2B (float32 Keras, zero-init then filled with NumPy) and run
-                `gemma_keras.tflite.export_tflite` (--quantize); export seconds, peak RSS, size.
-  litert        ai_edge_litert at --threads (XNNPACK, the default CPU delegate): prefill and
-                decode tokens/s, and RSS after load and after decoding, of the classic
-                Interpreter's signature runners (caches copied in and out every step) and of
-                `GemmaTFLite` (CompiledModel, caches updated in place) without and with the
-                XNNPACK weight cache file (first load, which writes it, and a later load);
-                each runtime in its own process.
+  checkpoint    a random bfloat16 Hugging Face directory of the full 2B (`convert_2b.py`'s
+                streaming writer) in <out-dir>/hf, with a padded SentencePiece tokenizer.
+  export        `gemma_keras.tflite.export_tflite` (--quantize) from --model-dir (what
+                `gemma-keras export-tflite --model DIR` runs), or from a random float32 Keras
+                model built in this process: export seconds (wall and CPU), peak RSS per
+                phase, file size against the weights' bytes.
+  requantize    `requantize_tflite` of --tflite (a dynamic_int8 export of this config's random
+                model) to --quantize (int4), the float weights regenerated one at a time.
+  litert        ai_edge_litert at --threads (XNNPACK): decode tokens/s at depth 0, prefill of
+                --prefill tokens, decode tokens/s after it, and RSS after load and after
+                decoding, for each of --runtimes (the classic Interpreter's signature runners,
+                `GemmaTFLite` without, writing, or loading the XNNPACK weight cache), each in
+                its own process.
   engine        bundle with `write_litertlm` and run LiteRT-LM's `litert_lm.Benchmark` on it.
+  llamacpp      the same checkpoint in llama.cpp (--llama-cpp: a source tree with build/bin):
+                `convert_hf_to_gguf.py`, `llama-quantize` to --llama-quants (only GGUFs not
+                yet in --out-dir), `llama-bench` with the same threads and prompt length,
+                decode at depth 0 and at depth --prefill.
   transformers  transformers' Gemma2ForCausalLM, float32, random 2B: prefill and decode tok/s.
-  bandwidth     the memory bound in this run: float32 matrix-vector products (NumPy/OpenBLAS,
-                --threads) over 2 GiB; GB/s, and tokens/s = GB/s / bytes per token.
-  quant-sim     the same on the full random 2B, weights fake-quantized in Keras.
-  quant-error   logit error of dynamic int8 per-tensor (TF converter) vs per-channel
-                (ai-edge-quantizer weight-only int8) vs int4 blockwise, against the Keras
-                float32 logits, on the tiny config and on the 2B's width with --layers layers.
+  bandwidth     the memory bound in this run: float32 matrix-vector products and an integer
+                OR-reduce at --threads over 2 GiB; GB/s, and tokens/s = GB/s / file bytes.
+  quant-sim     logit error of int8 per tensor / per channel and int4 block 32 on the random
+                model, weights fake-quantized in Keras.
+  quant-error   logit error of each of --modes (real .tflite files, teacher-forced through the
+                interpreter) against the Keras float32 logits; every mode is exported first,
+                then the Keras model is released before the files run.
 
-Memory: the exporter releases the Keras weights while TensorFlow's converter runs (and reads
-them back afterwards), and the [out, in] kernels give the converter no TRANSPOSE to fold, so
-the full 2B's dynamic_int8 export (4 signatures, cache 1280) peaks at about 21 GiB, in the
-converter (about 2x the 10.5 GB of float32 weights). ai-edge-quantizer's int4 pass on a
-float32 file needs about 4.5x (47 GiB for the 2B); the exporter's int4 modes requantize the
-dynamic_int8 conversion instead (2.4 GiB more; `all` runs the `requantize` stage on its int8
-file for the int4 modes). `all` refuses to start a full-size export with
-less than --min-free-gib (22) available; use --layers N, or run the stages alone.
+Memory: the export converts a template of the graph (weights as splat placeholders) and
+streams the real weights into the file tensor by tensor from the checkpoint, so every mode of
+the full 2B (4 signatures, cache 1280) peaks at 1.8-1.9 GiB resident (benchmarks/README.md),
+where TensorFlow's converter on the real weights needed about 21 GiB. A Keras model built in
+process adds its own 10.5 GB of float32 weights. Timing the 2B: run `litert --runtimes
+cache_build` once per file (it writes the XNNPACK weight cache into --out-dir), then
+`--runtimes cached`; without the weight cache LiteRT packs the weights once per signature
+(over 10 GiB for an int8 2B). `all` refuses to start a full-size export with less than
+--min-free-gib available; use --layers N, or run the stages alone.
 """
 
 from __future__ import annotations
