@@ -775,7 +775,7 @@ def stage_quant_error(args):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import numpy as np
 
-    from gemma_keras.tflite import export_tflite
+    from gemma_keras.tflite import export_tflite, export_tflite_variants
 
     sampler = RssSampler()
     prefill_t, steps, cache_len = 8, 8, 32
@@ -803,19 +803,23 @@ def stage_quant_error(args):
     ref = ref[0, prefill_t:]  # the logits decode produces at positions prefill_t, ...
     # Export every mode first, then let the Keras model go (10.5 GB at full size) before the
     # interpreter runs the files.
-    exported, rows = [], []
-    for quantize in args.modes.split(","):
-        out = Path(args.out_dir) / f"qerr_{name}_{quantize}.tflite"
-        sampler.mark(f"export {quantize}")
-        t0 = time.perf_counter()
-        try:
-            export_tflite(model, out, quantize=quantize, kv_cache_max_len=cache_len,
-                          prefill_lens=(prefill_t,), progress=False)
-        except Exception as e:  # e.g. a block size the model's widths do not divide
-            rows.append(dict(quantize=quantize, error=f"{type(e).__name__}: {e}"))
-            print(rows[-1], flush=True)
-            continue
-        exported.append((quantize, out, round(time.perf_counter() - t0, 1)))
+    outputs = {q: Path(args.out_dir) / f"qerr_{name}_{q}.tflite" for q in args.modes.split(",")}
+    rows = []
+    sampler.mark("export")
+    t0 = time.perf_counter()
+    try:  # every mode from one trace and template conversion
+        export_tflite_variants(model, outputs, kv_cache_max_len=cache_len,
+                               prefill_lens=(prefill_t,), progress=False)
+    except Exception:  # one at a time, so that a mode the model cannot take is an error row
+        for quantize, out in list(outputs.items()):
+            try:
+                export_tflite(model, out, quantize=quantize, kv_cache_max_len=cache_len,
+                              prefill_lens=(prefill_t,), progress=False)
+            except Exception as e:  # e.g. a block size the model's widths do not divide
+                rows.append(dict(quantize=quantize, error=f"{type(e).__name__}: {e}"))
+                print(rows[-1], flush=True)
+                del outputs[quantize]
+    export_s = round(time.perf_counter() - t0, 1)
     sampler.mark("release the model")
     del model
     import gc
@@ -826,11 +830,11 @@ def stage_quant_error(args):
     gc.collect()
     rss_without_model = round(proc_status()["VmRSS"], 2)
     print(f"RSS without the Keras model: {rss_without_model} GiB", flush=True)
-    for quantize, out, export_s in exported:
+    for quantize, out in outputs.items():
         sampler.mark(f"run {quantize}")
         got = _teacher_forced_logits(out, seq, prefill_t, steps, cache_len, args.threads)
         err = got - ref
-        rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size, export_s=export_s,
+        rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size,
                          max_abs=float(np.abs(err).max()), mean_abs=float(np.abs(err).mean()),
                          rel_rms=float(np.sqrt((err**2).mean() / (ref**2).mean())),
                          top1_agree=float((got.argmax(-1) == ref.argmax(-1)).mean()),
@@ -839,8 +843,8 @@ def stage_quant_error(args):
         out.unlink()
     phases = sampler.stop()
     record(args, "quant_error", config=name, logit_rms=float(np.sqrt((ref**2).mean())),
-           rows=rows, peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases,
-           rss_without_model_gib=rss_without_model)
+           rows=rows, export_s=export_s, peak_rss_gib=round(proc_status()["VmHWM"], 2),
+           phase_peak_rss_gib=phases, rss_without_model_gib=rss_without_model)
 
 
 def _teacher_forced_logits(path, seq, prefill_t, steps, cache_len, threads):
