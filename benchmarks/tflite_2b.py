@@ -570,9 +570,13 @@ def stage_litert(args):
     load_s = time.perf_counter() - t0
     rss_after_load = {k: round(v, 3) for k, v in proc_status().items()}
 
+    cpu_per_step = {}
+
     def decode(depth, token):
         """Seconds of each of 1 + --decode-steps greedy steps from position `depth` (the
-        first step also does one-off work and is not timed), and the tokens."""
+        first step also does one-off work and is not timed), and the tokens; the process's
+        CPU seconds per timed step (all threads) go to `cpu_per_step[depth]`, a figure less
+        sensitive than wall time to other jobs on a shared machine."""
         model._pos, times, tokens = depth, [], []
         for _ in range(args.decode_steps + 1):
             t0 = time.perf_counter()
@@ -580,6 +584,9 @@ def stage_litert(args):
             times.append(time.perf_counter() - t0)
             token = int(np.argmax(logits))
             tokens.append(token)
+            if len(times) == 1:
+                cpu0 = _cpu_seconds()
+        cpu_per_step[depth] = (_cpu_seconds() - cpu0) / args.decode_steps
         return times, tokens
 
     # Decode at depth 0 first (as llama-bench's tg test), then the prompt (which overwrites
@@ -602,6 +609,7 @@ def stage_litert(args):
         decode_at_0_tok_s=round(1 / float(np.median(times0[1:])), 3),
         decode_ms=[round(1e3 * t, 1) for t in times[1:]],
         decode_at_0_ms=[round(1e3 * t, 1) for t in times0[1:]],
+        decode_cpu_ms={str(d): round(1e3 * c, 1) for d, c in cpu_per_step.items()},
         file_gb_s=round(size / decode_s / 1e9, 2), tokens=tokens,
         rss_after_load_gib=rss_after_load,
         rss_after_decode_gib={k: round(v, 3) for k, v in proc_status().items()})
