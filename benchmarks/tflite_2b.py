@@ -18,7 +18,8 @@ Stages (each also callable alone; `--layers N` builds the 2B's width with N of i
   requantize    `requantize_tflite` of --tflite (a dynamic_int8 export of this config's random
                 model) to --quantize (int4), the float weights regenerated one at a time.
   litert        ai_edge_litert at --threads (XNNPACK): decode tokens/s at depth 0, prefill of
-                --prefill tokens, decode tokens/s after it, and RSS after load and after
+                --prefill tokens, decode tokens/s after it (and CPU seconds per decode
+                step, less sensitive to other jobs), and RSS after load and after
                 decoding, for each of --runtimes (the classic Interpreter's signature runners,
                 `GemmaTFLite` without, writing, or loading the XNNPACK weight cache), each in
                 its own process.
@@ -1172,6 +1173,12 @@ def _report_llamacpp(lines, litert):
               f"{_runs([r['decode_tok_s'] for r in rs])} | "
               f"{_runs([r['decode_at_depth_tok_s'] for r in rs])} | {_runs(rss)} | "
               f"{_runs([x and x * GIB / size for x in rss])} |")
+    cpu = [(name, cache_len, [r.get("decode_cpu_ms", {}).get(str(r["prefill_tokens"]))
+                              for r in rs])
+           for (name, cache_len), rs in tfl.items() if any("decode_cpu_ms" in r for r in rs)]
+    if cpu:
+        print(f"\nCPU ms (all threads) per decode step at depth {depth}: " + "; ".join(
+            f"{name} (cache {cache_len}) {_runs(ms, 1)}" for name, cache_len, ms in cpu))
     print(f"\n| TFLite file | cache | llama.cpp | prefill ratio | decode ratio at depth 0 | "
           f"decode ratio at depth {depth} | decode ratio at depth {depth}: best TFLite run "
           f"/ fastest llama-bench repetition |")
