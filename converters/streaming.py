@@ -76,7 +76,8 @@ def _tf_row_writer():
     import tensorflow as tf
     from tensorflow.compiler.tf2xla.python import xla
 
-    @tf.function(jit_compile=True, autograph=False)
+    # One trace per rank and dtype (XLA still compiles once per shape, without Python).
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
     def write(variable, rows, start):
         corner = tf.concat([[start], tf.zeros([rows.shape.rank - 1], tf.int32)], axis=0)
         variable.assign(xla.dynamic_update_slice(variable.read_value(), rows, corner))
