@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 import machine
+from gemm_peak import step_flops
 from generate_2b import gemma_config, keras_hub_causal_lm, peak_rss_bytes, rss_of, run_capped
 
 RANK, STEPS = 8, 3
@@ -179,16 +180,17 @@ def run_child(system, shape, smoke, rss_cap, time_limit):
     return run_capped(cmd + (["--smoke"] if smoke else []), rss_cap, time_limit, env)
 
 
-def row(system, shape, result, float32_bytes):
+def row(system, shape, result, float32_bytes, config):
     batch, seq = (int(n) for n in shape.split("x"))
+    gflops = step_flops(config, batch, seq, SYSTEMS[system][4]) / 1e9
     rss = result["peak_rss"]
     build_rss = f"{result['build_rss'] / 2**30:.1f}" if result.get("build_rss") else "-"
     if result["status"] != "ok":
-        return (f"| {system} | {shape} | - | - | {build_rss} | {rss / 2**30:.1f} "
+        return (f"| {system} | {shape} | - | - | - | {build_rss} | {rss / 2**30:.1f} "
                 f"| {rss / float32_bytes:.2f} | - | {result['status']} after "
                 f"{result['wall_s']:.0f} s |")
     return (f"| {system} | {shape} | {result['step_s']:.1f} | {batch * seq / result['step_s']:.1f} "
-            f"| {build_rss} | {rss / 2**30:.2f} | {rss / float32_bytes:.2f} "
+            f"| {gflops / result['step_s']:.0f} | {build_rss} | {rss / 2**30:.2f} | {rss / float32_bytes:.2f} "
             f"| {result['warmup_s']:.0f} | ok |")
 
 
@@ -216,9 +218,9 @@ def main():
     float32_bytes = 4 * params
     print(f"# {machine.describe()}; {'smoke config' if args.smoke else 'Gemma 2 2B'} "
           f"({params:,} parameters, {float32_bytes / 2**30:.2f} GiB in float32); LoRA rank "
-          f"{RANK} on q, k, v, o; AdamW; median of {STEPS} steps after one compiling step",
+          f"{RANK} on q, k, v, o; AdamW; median of {STEPS} steps after one compiling step; GFLOPS = the step's FLOPs (gemm_peak.step_flops) over its time",
           flush=True)
-    header = ("| system | batch x seq | step s | tokens/s | RSS after build GiB | peak RSS GiB "
+    header = ("| system | batch x seq | step s | tokens/s | GFLOPS | RSS after build GiB | peak RSS GiB "
               "| peak / f32 weights | compile step s | status |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|", flush=True)
@@ -226,7 +228,7 @@ def main():
         for system in systems:
             result = run_child(system, shape, args.smoke, args.rss_cap_gib * 2**30,
                                args.time_limit)
-            print(row(system, shape, result, float32_bytes), flush=True)
+            print(row(system, shape, result, float32_bytes, gemma_config(args.smoke)), flush=True)
 
 
 if __name__ == "__main__":
