@@ -5,10 +5,12 @@ against transformers + PEFT and keras-hub's own `enable_lora`.
 Every system trains LoRA rank 8 on the attention projections (q, k, v, o) with AdamW, on
 random token ids, one (system, shape) per subprocess, one after another, under a time limit
 and a resident-memory cap (the parent polls /proc and kills a child that passes either).
-Each child builds the 2B (values do not change the speed: a tiled block of random normals,
-or int8 zeros for the int8 base), runs one step to compile, then times STEPS steps and prints
-one JSON line; the parent prints a Markdown table: the median step, tokens/s, the peak
-resident memory and that peak over the float32 weights' bytes.
+Each gemma-keras child builds the 2B with zero weights (`Gemma2CausalLM.empty`: values do not
+change the speed, and Keras' random initializers would hold a second copy of each weight while
+filling it, which would count in the peak), runs one step to compile, then times STEPS steps
+and prints one JSON line; the parent prints a Markdown table: the median step, tokens/s, the
+resident memory after the build, the peak resident memory and that peak over the float32
+weights' bytes.
 
   flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/finetune_2b.py
   .venv/bin/python benchmarks/finetune_2b.py --smoke                  # small config, quick
@@ -27,8 +29,8 @@ import time
 import numpy as np
 
 import machine
-from generate_2b import (fast_random_initializers, gemma_config, keras_hub_causal_lm,
-                         peak_rss_bytes, run_capped)
+from gemm_peak import step_flops
+from generate_2b import gemma_config, keras_hub_causal_lm, peak_rss_bytes, rss_of, run_capped
 
 RANK, STEPS = 8, 3
 SHAPES = ("1x128", "1x512", "4x128")  # batch x sequence length
@@ -79,21 +81,22 @@ def run_keras(system, batch, seq, smoke):
 
     _, dtype, xla, int8, remat = SYSTEMS[system]
     config = gemma_config(smoke)
-    fast_random_initializers()
     t = time.perf_counter()
     policy = quantized_dtype("int8", dtype) if int8 else dtype
     if remat:
         with remat_scope(config):
-            lm = Gemma2CausalLM(config, dtype=policy)
+            lm = Gemma2CausalLM.empty(config, dtype=policy)
     else:
-        lm = Gemma2CausalLM(config, dtype=policy)
+        lm = Gemma2CausalLM.empty(config, dtype=policy)
     lm.enable_lora(RANK)
     lm.compile(optimizer=adamw(lm), jit_compile=xla)
     build = time.perf_counter() - t
+    build_rss = rss_of(os.getpid())
     ids, labels, weights = batch_of(config, batch, seq)
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     warmup, step = timed_steps(lambda: lm.train_on_batch(x, labels, weights), STEPS)
-    return dict(build_s=build, warmup_s=warmup, step_s=step, weight_bytes=weight_bytes(lm))
+    return dict(build_s=build, build_rss=build_rss, warmup_s=warmup, step_s=step,
+                weight_bytes=weight_bytes(lm))
 
 
 def run_keras_hub(batch, seq, smoke):
@@ -109,10 +112,11 @@ def run_keras_hub(batch, seq, smoke):
     lm.compile(optimizer=optimizer, jit_compile=False,
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     build = time.perf_counter() - t
+    build_rss = rss_of(os.getpid())
     ids, labels, weights = batch_of(config, batch, seq)
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     warmup, step = timed_steps(lambda: lm.train_on_batch(x, labels, weights), STEPS)
-    return dict(build_s=build, warmup_s=warmup, step_s=step)
+    return dict(build_s=build, build_rss=build_rss, warmup_s=warmup, step_s=step)
 
 
 def run_peft(batch, seq, smoke):
@@ -138,6 +142,7 @@ def run_peft(batch, seq, smoke):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=2e-4, weight_decay=0.01)
     build = time.perf_counter() - t
+    build_rss = rss_of(os.getpid())
     ids, _, _ = batch_of(config, batch, seq)
     ids = torch.from_numpy(ids.astype(np.int64))
 
@@ -149,7 +154,7 @@ def run_peft(batch, seq, smoke):
         optimizer.zero_grad(set_to_none=True)
 
     warmup, step_s = timed_steps(step, STEPS)
-    return dict(build_s=build, warmup_s=warmup, step_s=step_s)
+    return dict(build_s=build, build_rss=build_rss, warmup_s=warmup, step_s=step_s)
 
 
 def child(system, shape, smoke):
@@ -175,14 +180,18 @@ def run_child(system, shape, smoke, rss_cap, time_limit):
     return run_capped(cmd + (["--smoke"] if smoke else []), rss_cap, time_limit, env)
 
 
-def row(system, shape, result, float32_bytes):
+def row(system, shape, result, float32_bytes, config):
     batch, seq = (int(n) for n in shape.split("x"))
+    gflops = step_flops(config, batch, seq, SYSTEMS[system][4]) / 1e9
     rss = result["peak_rss"]
+    build_rss = f"{result['build_rss'] / 2**30:.1f}" if result.get("build_rss") else "-"
     if result["status"] != "ok":
-        return (f"| {system} | {shape} | - | - | {rss / 2**30:.1f} | {rss / float32_bytes:.2f} "
-                f"| - | {result['status']} after {result['wall_s']:.0f} s |")
+        return (f"| {system} | {shape} | - | - | - | {build_rss} | {rss / 2**30:.1f} "
+                f"| {rss / float32_bytes:.2f} | - | {result['status']} after "
+                f"{result['wall_s']:.0f} s |")
     return (f"| {system} | {shape} | {result['step_s']:.1f} | {batch * seq / result['step_s']:.1f} "
-            f"| {rss / 2**30:.1f} | {rss / float32_bytes:.2f} | {result['warmup_s']:.0f} | ok |")
+            f"| {gflops / result['step_s']:.0f} | {build_rss} | {rss / 2**30:.2f} | {rss / float32_bytes:.2f} "
+            f"| {result['warmup_s']:.0f} | ok |")
 
 
 def main():
@@ -209,17 +218,17 @@ def main():
     float32_bytes = 4 * params
     print(f"# {machine.describe()}; {'smoke config' if args.smoke else 'Gemma 2 2B'} "
           f"({params:,} parameters, {float32_bytes / 2**30:.2f} GiB in float32); LoRA rank "
-          f"{RANK} on q, k, v, o; AdamW; median of {STEPS} steps after one compiling step",
+          f"{RANK} on q, k, v, o; AdamW; median of {STEPS} steps after one compiling step; GFLOPS = the step's FLOPs (gemm_peak.step_flops) over its time",
           flush=True)
-    header = ("| system | batch x seq | step s | tokens/s | peak RSS GiB | RSS / f32 weights "
-              "| compile step s | status |")
+    header = ("| system | batch x seq | step s | tokens/s | GFLOPS | RSS after build GiB | peak RSS GiB "
+              "| peak / f32 weights | compile step s | status |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|", flush=True)
     for shape in args.shapes.split(","):
         for system in systems:
             result = run_child(system, shape, args.smoke, args.rss_cap_gib * 2**30,
                                args.time_limit)
-            print(row(system, shape, result, float32_bytes), flush=True)
+            print(row(system, shape, result, float32_bytes, gemma_config(args.smoke)), flush=True)
 
 
 if __name__ == "__main__":
