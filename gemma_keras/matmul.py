@@ -28,8 +28,10 @@ def matmul_transposed(x, w, output_type=None):
 
 # TensorFlow's CPU products widen a 16-bit float kernel to a float32 copy of the whole
 # kernel: 2.2 GiB for the 2B's tied embedding, on top of the 1.1 GiB kernel. A kernel
-# larger than this is multiplied in blocks of rows, so the widened copy is one block.
-WIDENED_BLOCK_ELEMENTS = 2**26  # 256 MiB in float32
+# larger than this is multiplied in blocks of rows, so the widened copy is one block (the
+# embedding in 36 blocks and the MLP kernels in 2; on 8 layers of the 2B's width, blocks of
+# 2**26 left 0.43 GiB of such copies at the peak, blocks of 2**24 none that show).
+WIDENED_BLOCK_ELEMENTS = 2**24  # 64 MiB in float32
 
 
 def _row_blocks(w):
