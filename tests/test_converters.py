@@ -125,6 +125,25 @@ def test_streamed_blocks_give_the_same_model(hf_dir, monkeypatch):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_variable_rows_reads_back_assigned_rows(dtype):
+    """Rows written block by block (a scatter on TensorFlow, which puts the variable in
+    copy-on-read mode) read back exactly, block by block."""
+    import keras
+    import ml_dtypes
+
+    values = np.random.default_rng(0).standard_normal((37, 5)).astype(
+        ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    variable = keras.Variable(np.zeros((37, 5), values.dtype), dtype=dtype)
+    for start in range(0, 37, 8):
+        streaming.assign_rows(variable, start, values[start:start + 8])
+    for start, stop in [(0, 37), (3, 11), (36, 37)]:
+        rows = streaming.variable_rows(variable, start, stop)
+        assert rows.shape == (stop - start, 5)
+        np.testing.assert_array_equal(rows.astype(np.float32),
+                                      values[start:stop].astype(np.float32))
+
+
 def test_construction_skips_initializers_only_inside(hf_dir):
     from gemma_keras.config import Gemma2Config
 
