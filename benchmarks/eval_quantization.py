@@ -14,10 +14,11 @@ the 2B's attention and MLP shapes) with N of its 26 layers, exported in --modes;
 top-1 only on random token sequences (random weights have no meaningful perplexity).
 
 With --hf DIR: the same on a Hugging Face checkpoint (the random full-size 2B,
-/tmp/w15/hf2b/hf): each mode exported from DIR by the lean route (streamed from its
-safetensors, under 2 GiB; files already in --work are reused), the float32 Keras model built
-from DIR scores the sequences once (10.5 GB at 2B), its logits are kept and the model
-dropped before the .tflite files are scored one at a time.
+/tmp/w15/hf2b/hf): the float32 Keras model built from DIR scores the sequences first
+(10.5 GB at 2B) and its logits are cached in --work (1 GB at 2B, reused by the next run, so
+the modes can be split over several runs), then each mode in turn is exported from DIR by the
+lean route (streamed from its safetensors, under 2 GiB), scored and deleted (--keep keeps
+it; a file already in --work is used and kept), so that one export at a time is on disk.
 
     flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/eval_quantization.py \
         --hf /tmp/w15/hf2b/hf --work /tmp/h2/q
@@ -199,33 +200,46 @@ def wide_rows(modes, layers, work, sequences=4, length=256):
                           f"random sequences of {length} tokens")
 
 
-def hf_rows(modes, hf_dir, work, sequences=4, length=256):
+def hf_rows(modes, hf_dir, work, sequences=4, length=256, keep=False):
     """`wide_rows` for a Hugging Face checkpoint directory (see the module docstring)."""
     import gc
+
+    import numpy as np
 
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.config import Gemma2Config
     from gemma_keras.tflite.export import export_tflite_variants
 
     config = Gemma2Config.from_json_file(Path(hf_dir) / "config.json")
-    files = {m: work / f"{m}.tflite" for m in modes}
-    missing = {m: p for m, p in files.items() if not p.exists()}
-    if missing:
-        start = time.time()
-        export_tflite_variants(str(hf_dir), missing, kv_cache_max_len=512, prefill_lens=(64,),
-                               score_lens=(64,), progress=False)
-        print(f"exported {sorted(missing)} in {time.time() - start:.0f} s", file=sys.stderr,
-              flush=True)
     ids = random_sequences(config.vocab_size, sequences, length)
-    start = time.time()
-    model = Gemma2CausalLM.from_pretrained(hf_dir, dtype="float32")
-    loaded = time.time() - start
-    logits = reference_logits(model, ids)
-    print(f"float32 reference: loaded in {loaded:.0f} s, scored in "
-          f"{time.time() - start - loaded:.0f} s", file=sys.stderr, flush=True)
-    del model
-    gc.collect()
-    header, rows = agreement_rows(files, str(Path(hf_dir) / "tokenizer.model"), ids, logits)
+    cached = work / f"reference_logits_{sequences}x{length}.npy"
+    if cached.exists():
+        logits = list(np.load(cached, mmap_mode="r"))
+    else:
+        start = time.time()
+        model = Gemma2CausalLM.from_pretrained(hf_dir, dtype="float32")
+        loaded = time.time() - start
+        logits = reference_logits(model, ids)
+        print(f"float32 reference: loaded in {loaded:.0f} s, scored in "
+              f"{time.time() - start - loaded:.0f} s", file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+        np.save(cached, np.stack(logits))
+    rows = []
+    for mode in modes:  # one file on disk at a time (the fp16 2B alone is 5.2 GB)
+        path = work / f"{mode}.tflite"
+        made = not path.exists()
+        if made:
+            start = time.time()
+            export_tflite_variants(str(hf_dir), {mode: path}, kv_cache_max_len=512,
+                                   prefill_lens=(64,), score_lens=(64,), progress=False)
+            print(f"exported {mode} in {time.time() - start:.0f} s", file=sys.stderr,
+                  flush=True)
+        header, row = agreement_rows({mode: path}, str(Path(hf_dir) / "tokenizer.model"), ids,
+                                     logits)
+        rows += row
+        if made and not keep:
+            path.unlink()
     return header, rows, (f"{hf_dir} ({config.num_hidden_layers} layers, vocabulary "
                           f"{config.vocab_size}) against its float32 Keras model; {sequences} "
                           f"random sequences of {length} tokens")
@@ -240,7 +254,10 @@ def main():
     parser.add_argument("--hf", default=None, metavar="DIR",
                         help="a Hugging Face checkpoint directory (e.g. the random full 2B)")
     parser.add_argument("--work", default=None, metavar="DIR",
-                        help="with --hf: where the .tflite files are written (and reused)")
+                        help="with --hf: where the reference's logits are cached and each "
+                             ".tflite file is written (reused when present), scored and "
+                             "deleted unless --keep")
+    parser.add_argument("--keep", action="store_true", help="with --hf: keep the exports")
     parser.add_argument("--modes", default=",".join(QUANTIZATIONS),
                         help="comma-separated quantization modes (default all)")
     args = parser.parse_args()
@@ -249,7 +266,8 @@ def main():
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="eval_quantization_", dir="/tmp") as work:
         if args.hf:
-            header, rows, what = hf_rows(modes, args.hf, Path(args.work or work))
+            header, rows, what = hf_rows(modes, args.hf, Path(args.work or work),
+                                             keep=args.keep)
         elif args.layers:
             header, rows, what = wide_rows(modes, args.layers, Path(work))
         else:
