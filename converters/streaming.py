@@ -67,15 +67,9 @@ def assign_rows(variable, start: int, rows: np.ndarray):
 def variable_rows(variable, start: int, stop: int) -> np.ndarray:
     """`variable[start:stop]` as a numpy array (only those rows are copied).
 
-    On TensorFlow, a row gather: once a variable has been scattered into (`assign_rows`) or
-    gathered from (an embedding lookup), TensorFlow keeps it in copy-on-read mode and every
-    dense read, a slice included, copies it whole (2.4 GB per block of the 2B's embedding).
-    On JAX, a slice of its host view: a jitted slice would compile for every block."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.gather(variable.value, tf.range(start, stop)).numpy()
-    if backend == "jax":
+    On TensorFlow a dense slice, never a gather: a gather (like a scatter) puts the variable in
+    copy-on-read mode for good. On JAX, a slice of its host view: a jitted slice would
+    compile for every block."""
+    if keras.backend.backend() == "jax":
         return np.array(np.asarray(variable.value)[start:stop])
     return keras.ops.convert_to_numpy(variable.value[start:stop])
