@@ -85,11 +85,16 @@ def fast_random_initializers():
     import keras
     from keras.src.initializers import random_initializers as ri
 
+    from gemma_keras.converters.safetensors_io import numpy_dtype
+
     block = np.random.default_rng(0).standard_normal(2**20 + 7).astype(np.float32) * 0.02
 
     def fill(self, shape, dtype=None):
-        values = np.resize(block, int(np.prod(shape))).reshape(shape)
-        return keras.ops.convert_to_tensor(values, dtype=dtype)
+        # Tiled in the variable's own dtype: a float32 temporary of the 2B's embedding
+        # (2.4 GB) would dominate a bfloat16 model's peak.
+        dtype = keras.backend.standardize_dtype(dtype or "float32")
+        values = np.resize(block.astype(numpy_dtype(dtype)), int(np.prod(shape)))
+        return keras.ops.convert_to_tensor(values.reshape(shape), dtype=dtype)
 
     for cls in (ri.RandomNormal, ri.TruncatedNormal, ri.RandomUniform, ri.VarianceScaling):
         cls.__call__ = fill

@@ -9,34 +9,43 @@ appends one JSON line to `<out-dir>/results.jsonl`; `report` prints the Markdown
 Stages (each also callable alone; `--layers N` builds the 2B's width with N of its 26 layers,
 `--small` a tiny config, for dry runs):
 
-  requantize    `gemma_keras.tflite.requantize.requantize_tflite` of --tflite (a dynamic_int8
-                export of this config's random model) to --quantize (int4), the float weights
-                regenerated one at a time; seconds, peak RSS, size.
-  export        build the random 2B (float32 Keras, zero-init then filled with NumPy) and run
-                `gemma_keras.tflite.export_tflite` (--quantize); export seconds, peak RSS, size.
-  litert        ai_edge_litert at --threads (XNNPACK, the default CPU delegate): prefill and
-                decode tokens/s, and RSS after load and after decoding, of the classic
-                Interpreter's signature runners (caches copied in and out every step) and of
-                `GemmaTFLite` (CompiledModel, caches updated in place) without and with the
-                XNNPACK weight cache file (first load, which writes it, and a later load);
-                each runtime in its own process.
+  checkpoint    a random bfloat16 Hugging Face directory of the full 2B (`convert_2b.py`'s
+                streaming writer) in <out-dir>/hf, with a padded SentencePiece tokenizer.
+  export        `gemma_keras.tflite.export_tflite` (--quantize) from --model-dir (what
+                `gemma-keras export-tflite --model DIR` runs), or from a random float32 Keras
+                model built in this process: export seconds (wall and CPU), peak RSS per
+                phase, file size against the weights' bytes.
+  requantize    `requantize_tflite` of --tflite (a dynamic_int8 export of this config's random
+                model) to --quantize (int4), the float weights regenerated one at a time.
+  litert        ai_edge_litert at --threads (XNNPACK): decode tokens/s at depth 0, prefill of
+                --prefill tokens, decode tokens/s after it (and CPU seconds per decode
+                step, less sensitive to other jobs), and RSS after load and after
+                decoding, for each of --runtimes (the classic Interpreter's signature runners,
+                `GemmaTFLite` without, writing, or loading the XNNPACK weight cache), each in
+                its own process.
   engine        bundle with `write_litertlm` and run LiteRT-LM's `litert_lm.Benchmark` on it.
+  llamacpp      the same checkpoint in llama.cpp (--llama-cpp: a source tree with build/bin):
+                `convert_hf_to_gguf.py`, `llama-quantize` to --llama-quants (only GGUFs not
+                yet in --out-dir), `llama-bench` with the same threads and prompt length,
+                decode at depth 0 and at depth --prefill.
   transformers  transformers' Gemma2ForCausalLM, float32, random 2B: prefill and decode tok/s.
-  bandwidth     the memory bound in this run: float32 matrix-vector products (NumPy/OpenBLAS,
-                --threads) over 2 GiB; GB/s, and tokens/s = GB/s / bytes per token.
-  quant-sim     the same on the full random 2B, weights fake-quantized in Keras.
-  quant-error   logit error of dynamic int8 per-tensor (TF converter) vs per-channel
-                (ai-edge-quantizer weight-only int8) vs int4 blockwise, against the Keras
-                float32 logits, on the tiny config and on the 2B's width with --layers layers.
+  bandwidth     the memory bound in this run: float32 matrix-vector products and an integer
+                OR-reduce at --threads over 2 GiB; GB/s, and tokens/s = GB/s / file bytes.
+  quant-sim     logit error of int8 per tensor / per channel and int4 block 32 on the random
+                model, weights fake-quantized in Keras.
+  quant-error   logit error of each of --modes (real .tflite files, teacher-forced through the
+                interpreter) against the Keras float32 logits; every mode is exported first,
+                then the Keras model is released before the files run.
 
-Memory: the exporter releases the Keras weights while TensorFlow's converter runs (and reads
-them back afterwards), and the [out, in] kernels give the converter no TRANSPOSE to fold, so
-the full 2B's dynamic_int8 export (4 signatures, cache 1280) peaks at about 21 GiB, in the
-converter (about 2x the 10.5 GB of float32 weights). ai-edge-quantizer's int4 pass on a
-float32 file needs about 4.5x (47 GiB for the 2B); the exporter's int4 modes requantize the
-dynamic_int8 conversion instead (2.4 GiB more; `all` runs the `requantize` stage on its int8
-file for the int4 modes). `all` refuses to start a full-size export with
-less than --min-free-gib (22) available; use --layers N, or run the stages alone.
+Memory: the export converts a template of the graph (weights as splat placeholders) and
+streams the real weights into the file tensor by tensor from the checkpoint, so every mode of
+the full 2B (4 signatures, cache 1280) peaks at 1.8-1.9 GiB resident (benchmarks/README.md),
+where TensorFlow's converter on the real weights needed about 21 GiB. A Keras model built in
+process adds its own 10.5 GB of float32 weights. Timing the 2B: run `litert --runtimes
+cache_build` once per file (it writes the XNNPACK weight cache into --out-dir), then
+`--runtimes cached`; without the weight cache LiteRT packs the weights once per signature
+(over 10 GiB for an int8 2B). `all` refuses to start a full-size export with less than
+--min-free-gib available; use --layers N, or run the stages alone.
 """
 
 from __future__ import annotations
@@ -484,13 +493,13 @@ def stage_llamacpp(args):
     hf = Path(args.model_dir or Path(args.out_dir) / "hf")
     bf16 = Path(args.out_dir) / "gemma2_2b_bf16.gguf"
     env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
-    if not bf16.exists():
+    ggufs = {q: Path(args.out_dir) / f"gemma2_2b_{q}.gguf" for q in args.llama_quants.split(",")}
+    if not bf16.exists() and not all(g.exists() for g in ggufs.values()):
         _, seconds, peak = _timed_child([sys.executable, root / "convert_hf_to_gguf.py", hf,
                                          "--outtype", "bf16", "--outfile", bf16], env)
         record(args, "gguf", quant="bf16", path=str(bf16), seconds=round(seconds, 1),
                peak_rss_gib=peak and round(peak, 2), file_bytes=bf16.stat().st_size)
-    for quant in args.llama_quants.split(","):
-        gguf = Path(args.out_dir) / f"gemma2_2b_{quant}.gguf"
+    for quant, gguf in ggufs.items():
         if not gguf.exists():
             _, seconds, peak = _timed_child([root / "build/bin/llama-quantize", bf16, gguf,
                                              quant, args.threads])
@@ -500,14 +509,16 @@ def stage_llamacpp(args):
             [root / "build/bin/llama-bench", "-m", gguf, "-t", args.threads, "-p", args.prefill,
              "-n", args.decode_steps, "-d", f"0,{args.prefill}", "-r", "2", "-o", "json"])
         tests = json.loads(out)
-        speed = {}
+        speed, samples = {}, {}
         for t in tests:
-            kind = "prefill" if t["n_prompt"] else "decode"
-            speed[f"{kind}@{t.get('n_depth', 0)}"] = round(t["avg_ts"], 2)
+            key = f"{'prefill' if t['n_prompt'] else 'decode'}@{t.get('n_depth', 0)}"
+            speed[key] = round(t["avg_ts"], 2)
+            samples[key] = [round(x, 2) for x in t.get("samples_ts", [])]
         record(args, "llamacpp", quant=quant, path=str(gguf), file_bytes=gguf.stat().st_size,
                threads=args.threads, prefill_tokens=args.prefill, decode_steps=args.decode_steps,
                prefill_tok_s=speed.get("prefill@0"), decode_tok_s=speed.get("decode@0"),
                decode_at_depth_tok_s=speed.get(f"decode@{args.prefill}"), speeds=speed,
+               samples_tok_s=samples,
                bench_peak_rss_gib=peak and round(peak, 2), bench_s=round(seconds, 1),
                build_info=tests[0].get("build_commit"), cpu=tests[0].get("cpu_info"))
 
@@ -560,19 +571,34 @@ def stage_litert(args):
     load_s = time.perf_counter() - t0
     rss_after_load = {k: round(v, 3) for k, v in proc_status().items()}
 
+    cpu_per_step = {}
+
+    def decode(depth, token):
+        """Seconds of each of 1 + --decode-steps greedy steps from position `depth` (the
+        first step also does one-off work and is not timed), and the tokens; the process's
+        CPU seconds per timed step (all threads) go to `cpu_per_step[depth]`, a figure less
+        sensitive than wall time to other jobs on a shared machine."""
+        model._pos, times, tokens = depth, [], []
+        for _ in range(args.decode_steps + 1):
+            t0 = time.perf_counter()
+            logits = model.step(token)
+            times.append(time.perf_counter() - t0)
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            if len(times) == 1:
+                cpu0 = _cpu_seconds()
+        cpu_per_step[depth] = (_cpu_seconds() - cpu0) / args.decode_steps
+        return times, tokens
+
+    # Decode at depth 0 first (as llama-bench's tg test), then the prompt (which overwrites
+    # those positions) and decode after it, at depth = prompt length.
+    times0, _ = decode(0, int(prompt[0]))
     prefill_times = []
     for _ in range(2):  # the first run also does one-off work (XNNPACK packing, allocation)
         t0 = time.perf_counter()
         model._run(prefill_t, prompt, 0)
         prefill_times.append(time.perf_counter() - t0)
-    model._pos = prefill_t
-    token, times, tokens = int(prompt[-1]), [], []
-    for _ in range(args.decode_steps + 1):  # the first step is not timed
-        t0 = time.perf_counter()
-        logits = model.step(token)
-        times.append(time.perf_counter() - t0)
-        token = int(np.argmax(logits))
-        tokens.append(token)
+    times, tokens = decode(prefill_t, int(prompt[-1]))
     decode_s = float(np.median(times[1:]))
     results = dict(
         runtime=runtime, label=LITERT_RUNTIMES[runtime], tflite=args.tflite, file_bytes=size,
@@ -580,8 +606,11 @@ def stage_litert(args):
         decode_steps=args.decode_steps, load_s=round(load_s, 2),
         first_prefill_s=round(prefill_times[0], 2),
         prefill_tok_s=round(prefill_t / prefill_times[1], 2),
-        first_decode_s=round(times[0], 3), decode_tok_s=round(1 / decode_s, 3),
+        first_decode_s=round(times0[0], 3), decode_tok_s=round(1 / decode_s, 3),
+        decode_at_0_tok_s=round(1 / float(np.median(times0[1:])), 3),
         decode_ms=[round(1e3 * t, 1) for t in times[1:]],
+        decode_at_0_ms=[round(1e3 * t, 1) for t in times0[1:]],
+        decode_cpu_ms={str(d): round(1e3 * c, 1) for d, c in cpu_per_step.items()},
         file_gb_s=round(size / decode_s / 1e9, 2), tokens=tokens,
         rss_after_load_gib=rss_after_load,
         rss_after_decode_gib={k: round(v, 3) for k, v in proc_status().items()})
@@ -756,9 +785,8 @@ def stage_bandwidth(args):
 def stage_quant_error(args):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
-    from gemma_keras.tflite import export_tflite
+    from gemma_keras.tflite import export_tflite, export_tflite_variants
 
     sampler = RssSampler()
     prefill_t, steps, cache_len = 8, 8, 32
@@ -784,50 +812,76 @@ def stage_quant_error(args):
         seq = rng.integers(3, config.vocab_size, prefill_t + steps).astype(np.int32)
     ref = np.asarray(model({"token_ids": seq[None], "padding_mask": np.ones((1, len(seq)))}))
     ref = ref[0, prefill_t:]  # the logits decode produces at positions prefill_t, ...
+    # Export every mode first, then let the Keras model go (10.5 GB at full size) before the
+    # interpreter runs the files.
+    outputs = {q: Path(args.out_dir) / f"qerr_{name}_{q}.tflite" for q in args.modes.split(",")}
     rows = []
-    for quantize in args.modes.split(","):
-        out = Path(args.out_dir) / f"qerr_{name}_{quantize}.tflite"
-        sampler.mark(f"export {quantize}")
-        t0 = time.perf_counter()
-        try:
-            export_tflite(model, out, quantize=quantize, kv_cache_max_len=cache_len,
-                          prefill_lens=(prefill_t,), progress=False)
-        except Exception as e:  # e.g. a block size the model's widths do not divide
-            rows.append(dict(quantize=quantize, error=f"{type(e).__name__}: {e}"))
-            print(rows[-1], flush=True)
-            continue
-        export_s = time.perf_counter() - t0
+    sampler.mark("export")
+    t0 = time.perf_counter()
+    try:  # every mode from one trace and template conversion
+        export_tflite_variants(model, outputs, kv_cache_max_len=cache_len,
+                               prefill_lens=(prefill_t,), progress=False)
+    except Exception:  # one at a time, so that a mode the model cannot take is an error row
+        for quantize, out in list(outputs.items()):
+            try:
+                export_tflite(model, out, quantize=quantize, kv_cache_max_len=cache_len,
+                              prefill_lens=(prefill_t,), progress=False)
+            except Exception as e:  # e.g. a block size the model's widths do not divide
+                rows.append(dict(quantize=quantize, error=f"{type(e).__name__}: {e}"))
+                print(rows[-1], flush=True)
+                del outputs[quantize]
+    export_s = round(time.perf_counter() - t0, 1)
+    sampler.mark("release the model")
+    del model
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+    rss_without_model = round(proc_status()["VmRSS"], 2)
+    print(f"RSS without the Keras model: {rss_without_model} GiB", flush=True)
+    for quantize, out in outputs.items():
         sampler.mark(f"run {quantize}")
-        interp = Interpreter(model_path=str(out), num_threads=args.threads)
-        prefill = interp.get_signature_runner(prefill_name(prefill_t))
-        decode = interp.get_signature_runner(DECODE)
-        details = decode.get_input_details()
-        names = [n for n in details if n in cache_name_set(len(details))]
-        cache = {n: np.zeros(details[n]["shape"], np.float32) for n in names}
-        o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
-                    mask=causal_mask(range(prefill_t), cache_len), **cache)
-        cache = {n: o[n] for n in names}
-        got = []
-        for i in range(steps):  # teacher-forced: feed the reference sequence
-            pos = prefill_t + i
-            o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
-                       mask=causal_mask([pos], cache_len), **cache)
-            cache = {n: o[n] for n in names}
-            got.append(o[LOGITS][0, -1])
-        got = np.stack(got)
+        got = _teacher_forced_logits(out, seq, prefill_t, steps, cache_len, args.threads)
         err = got - ref
         rows.append(dict(quantize=quantize, file_bytes=out.stat().st_size,
-                         export_s=round(export_s, 1),
                          max_abs=float(np.abs(err).max()), mean_abs=float(np.abs(err).mean()),
                          rel_rms=float(np.sqrt((err**2).mean() / (ref**2).mean())),
                          top1_agree=float((got.argmax(-1) == ref.argmax(-1)).mean()),
                          finite=bool(np.isfinite(got).all())))
         print(rows[-1], flush=True)
-        del interp, prefill, decode, o, cache
         out.unlink()
     phases = sampler.stop()
     record(args, "quant_error", config=name, logit_rms=float(np.sqrt((ref**2).mean())),
-           rows=rows, peak_rss_gib=round(proc_status()["VmHWM"], 2), phase_peak_rss_gib=phases)
+           rows=rows, export_s=export_s, peak_rss_gib=round(proc_status()["VmHWM"], 2),
+           phase_peak_rss_gib=phases, rss_without_model_gib=rss_without_model)
+
+
+def _teacher_forced_logits(path, seq, prefill_t, steps, cache_len, threads):
+    """Logits [steps, vocab] of the .tflite file at `path` at positions prefill_t, ...:
+    `seq[:prefill_t]` through the prefill signature, then each next token of `seq` through
+    decode (teacher-forced), with the classic Interpreter's signature runners."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=threads)
+    prefill = interp.get_signature_runner(prefill_name(prefill_t))
+    decode = interp.get_signature_runner(DECODE)
+    details = decode.get_input_details()
+    names = [n for n in details if n in cache_name_set(len(details))]
+    cache = {n: np.zeros(details[n]["shape"], np.float32) for n in names}
+    o = prefill(tokens=seq[None, :prefill_t], input_pos=np.arange(prefill_t, dtype=np.int32),
+                mask=causal_mask(range(prefill_t), cache_len), **cache)
+    cache = {n: o[n] for n in names}
+    got = []
+    for i in range(steps):
+        pos = prefill_t + i
+        o = decode(tokens=seq[None, pos:pos + 1], input_pos=np.array([pos], np.int32),
+                   mask=causal_mask([pos], cache_len), **cache)
+        cache = {n: o[n] for n in names}
+        got.append(o[LOGITS][0, -1])
+    return np.stack(got)
 
 
 def _fake_quant(block, mode, is_embedding, stat):
@@ -1066,33 +1120,91 @@ def stage_report(args):
                       f"{row['top1_agree']:.2f} |")
 
 
+LLAMA_PAIRS = {"Q8_0": ("int8",), "Q4_0": ("int4",), "Q4_K_M": ("int4",)}
+
+
+def _tflite_mode(path):
+    """The quantization a benchmark file's name ends with (`gemma2_2b_<mode>[_suffix]`)."""
+    from gemma_keras.tflite.quantize import QUANTIZATIONS
+
+    name = Path(path).name
+    return max((q for q in QUANTIZATIONS if f"_{q}." in name or f"_{q}_" in name),
+               key=len, default=None)
+
+
+def _runs(values, digits=2):
+    """`a / b / ...` of one figure over a file's runs, in run order."""
+    return " / ".join(f"{v:.{digits}f}" if v is not None else "-" for v in values)
+
+
 def _report_llamacpp(lines, litert):
-    """llama.cpp's rows, and TFLite's decode speed over theirs (same threads, prompt)."""
-    llama = {r["quant"]: r for r in lines if r["stage"] == "llamacpp"}
+    """Side by side with llama.cpp: each file's speeds (every run, in run order) and the
+    TFLite/llama.cpp ratios of the runs of the same round (the k-th run of each)."""
+    llama = {}
+    for r in lines:
+        if r["stage"] == "llamacpp":
+            llama.setdefault(r["quant"], []).append(r)
     if not llama:
         return
-    print("\n| llama.cpp | file bytes | threads | prefill tok/s | decode tok/s | decode tok/s "
-          "at depth | bench peak RSS GiB | RSS / file |")
+    cached = [r for r in litert if r["runtime"] == "cached"]
+    runs = cached or [r for r in litert if r["runtime"] == "compiled"]
+    tfl = {}
+    for r in runs:
+        tfl.setdefault((Path(r["tflite"]).name, r["cache_len"]), []).append(r)
+    depth = next(iter(llama.values()))[0]["prefill_tokens"]
+    print(f"\nSide by side (each figure: every run, in run order; TFLite "
+          f"{'with the XNNPACK weight cache loaded' if cached else 'without a weight cache'}"
+          f"; prompt {depth} tokens):\n")
+    print(f"| file | cache | file bytes | prefill {depth} tok/s | decode tok/s at depth 0 | "
+          f"decode tok/s at depth {depth} | RSS GiB after decode (bench peak) | RSS / file |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for q, r in llama.items():
-        rss = r.get("bench_peak_rss_gib")
-        print(f"| {q} | {r['file_bytes']:,} | {r['threads']} | {r['prefill_tok_s']} | "
-              f"{r['decode_tok_s']} | {r['decode_at_depth_tok_s']} | {rss} | "
-              f"{rss and round(rss * GIB / r['file_bytes'], 2)} |")
-    pairs = [("dynamic_int8", "Q8_0"), ("int8_channel", "Q8_0"), ("int4_channel", "Q4_0"),
-             ("int4_channel", "Q4_K_M"), ("int4_block32", "Q4_0"), ("int4_block32", "Q4_K_M")]
-    print("\n| TFLite file (GemmaTFLite, no weight cache) | llama.cpp | prefill ratio | "
-          "decode ratio (TFLite at depth = prompt / llama.cpp at depth) | RSS / file TFLite |")
-    print("| --- | --- | --- | --- | --- |")
-    for mode, quant in pairs:
-        runs = [r for r in litert if r["runtime"] == "compiled"
-                and Path(r["tflite"]).name.endswith(f"_{mode}.tflite")]
-        if not runs or quant not in llama:
-            continue
-        r, l = runs[-1], llama[quant]
-        rss = r["rss_after_decode_gib"]["VmRSS"] * GIB / r["file_bytes"]
-        print(f"| {mode} | {quant} | {r['prefill_tok_s'] / l['prefill_tok_s']:.2f} | "
-              f"{r['decode_tok_s'] / l['decode_at_depth_tok_s']:.2f} | {rss:.2f} |")
+    for (name, cache_len), rs in tfl.items():
+        size = rs[0]["file_bytes"]
+        rss = [r["rss_after_decode_gib"]["VmRSS"] for r in rs]
+        print(f"| {name} | {cache_len} | {size:,} | {_runs([r['prefill_tok_s'] for r in rs])} | "
+              f"{_runs([r.get('decode_at_0_tok_s') for r in rs])} | "
+              f"{_runs([r['decode_tok_s'] for r in rs])} | {_runs(rss)} | "
+              f"{_runs([x * GIB / size for x in rss])} |")
+    for q, rs in llama.items():
+        size = rs[0]["file_bytes"]
+        rss = [r.get("bench_peak_rss_gib") for r in rs]
+        print(f"| llama.cpp {q} | (as filled) | {size:,} | "
+              f"{_runs([r['prefill_tok_s'] for r in rs])} | "
+              f"{_runs([r['decode_tok_s'] for r in rs])} | "
+              f"{_runs([r['decode_at_depth_tok_s'] for r in rs])} | {_runs(rss)} | "
+              f"{_runs([x and x * GIB / size for x in rss])} |")
+    cpu = [(name, cache_len, [r.get("decode_cpu_ms", {}).get(str(r["prefill_tokens"]))
+                              for r in rs])
+           for (name, cache_len), rs in tfl.items() if any("decode_cpu_ms" in r for r in rs)]
+    if cpu:
+        print(f"\nCPU ms (all threads) per decode step at depth {depth}: " + "; ".join(
+            f"{name} (cache {cache_len}) {_runs(ms, 1)}" for name, cache_len, ms in cpu))
+    print(f"\n| TFLite file | cache | llama.cpp | prefill ratio | decode ratio at depth 0 | "
+          f"decode ratio at depth {depth} | decode ratio at depth {depth}: best TFLite run "
+          f"/ fastest llama-bench repetition |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for quant, prefixes in LLAMA_PAIRS.items():
+        for (name, cache_len), rs in tfl.items():
+            mode = _tflite_mode(name)
+            if quant not in llama or not mode or not any(p in mode for p in prefixes):
+                continue
+            pairs = list(zip(rs, llama[quant]))
+
+            def ratio(ours, theirs):
+                return _runs([a.get(ours) / b[theirs] if a.get(ours) and b.get(theirs)
+                              else None for a, b in pairs])
+
+            # The least disturbed figures on a shared machine: TFLite's best run (median of
+            # its steps) against llama-bench's fastest repetition (its mean where it kept none).
+            theirs = max(max(r.get("samples_tok_s", {}).get(f"decode@{depth}") or
+                             [r["decode_at_depth_tok_s"]]) for r in llama[quant])
+            best = max(r["decode_tok_s"] for r in rs) / theirs
+            print(f"| {name} | {cache_len} | {quant} | {ratio('prefill_tok_s', 'prefill_tok_s')}"
+                  f" | {ratio('decode_at_0_tok_s', 'decode_tok_s')} | "
+                  f"{ratio('decode_tok_s', 'decode_at_depth_tok_s')} | {best:.2f} |")
+    print(f"\nllama-bench sizes its context to each test and attends over the filled "
+          f"positions only; the TFLite decode step always covers all cache slots (its "
+          f"attention costs the same at depth 0 and at depth {depth}).")
 
 
 def main():

@@ -5,15 +5,17 @@
   and a float32 temporary per tensor; zeros take a second and no temporary).
   `Gemma2CausalLM.empty(config, dtype)` builds a model to be filled that way.
 - `assign_rows(variable, start, rows)` writes a block of rows into a variable in place (on the
-  TensorFlow backend, a row scatter; `variable.assign` of a whole 1.2 GB embedding makes two
-  temporary copies).
-- `variable_rows(variable, start, stop)` reads a block of rows back as numpy, without reading
-  the whole variable.
+  TensorFlow backend, an XLA dynamic-update-slice; `variable.assign` of a whole 1.2 GB
+  embedding makes two temporary copies, and a scatter leaves the variable copying itself on
+  every later read).
+- `variable_rows(variable, start, stop)` reads a block of rows back as numpy (a dense slice:
+  a gather, like a scatter, would leave the variable copying itself on every read).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import keras
@@ -57,11 +59,30 @@ def assign_rows(variable, start: int, rows: np.ndarray):
     elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        indices = tf.range(start, start + rows.shape[0])
-        variable.value.scatter_update(tf.IndexedSlices(tf.constant(rows), indices))
+        _tf_row_writer()(variable.value, tf.constant(rows), tf.constant(start, tf.int32))
     else:
         variable.assign(keras.ops.slice_update(
             variable.value, (start,) + (0,) * (rows.ndim - 1), rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_row_writer():
+    """`write(tf_variable, rows, start)`: rows written in place by an XLA dynamic-update-slice.
+
+    Not a scatter: `scatter_update` (and a sliced `assign`) put a TensorFlow variable in
+    copy-on-read mode for good, and every later read outside XLA (a training step without
+    XLA, a bfloat16 generation step, an export reading rows back) then copies the whole
+    variable: 2.4 GB per read of the 2B's float32 embedding.
+    """
+    import tensorflow as tf
+    from tensorflow.compiler.tf2xla.python import xla
+
+    @tf.function(jit_compile=True, autograph=False)
+    def write(variable, rows, start):
+        corner = tf.concat([[start], tf.zeros([rows.shape.rank - 1], tf.int32)], axis=0)
+        variable.assign(xla.dynamic_update_slice(variable.read_value(), rows, corner))
+
+    return write
 
 
 def variable_rows(variable, start: int, stop: int) -> np.ndarray:

@@ -9,7 +9,7 @@ The batch is left-padded so that every row ends at the same cache slot; row b st
 prompt is run once (prefill, `PREFILL_CHUNK` tokens at a time), then each step feeds only the
 newest token and reads the past from the cache. One function does both: it runs T tokens per
 row into the cache and returns the logits of the last; it is compiled once per shape (on
-TensorFlow, `tf.function` with XLA (`jit_compile=True`); `jax.jit` with the cache donated on
+TensorFlow, `tf.function`, with XLA in float32 (`uses_xla`); `jax.jit` with the cache donated on
 JAX; eager on PyTorch) and kept on the model, so repeated calls do
 not retrace. Prompts are left-padded to a multiple of `PREFILL_CHUNK`, and the cache gets
 `conventions.cache_slots_for` slots (a power of two), so a batch size and cache size need
@@ -39,6 +39,22 @@ def _round_up(n, multiple):
 
 
 # ---------------------------------------------------------------- compiled steps
+def uses_xla(model):
+    """Whether TensorFlow compiles `model`'s generation step with XLA: yes in float32, not
+    in 16-bit floats.
+
+    In float32, XLA's products with the [out, in] kernels run as fast as TensorFlow's own
+    kernels on prefill chunks and ~1.4x faster on the decode step (matrix-vector products
+    bound by memory). XLA on CPU has no bfloat16 or float16 products: it widens every kernel
+    to float32 and keeps all the widened copies alive at once, so a bfloat16 model peaked
+    at 3x its weights (over 12.7 GB for the 2B's 5.2 GB). TensorFlow's own kernels (oneDNN's,
+    native on CPUs with AVX512-BF16 or AMX) read the 16-bit kernels as they are
+    (benchmarks/README.md, "bfloat16 on the CPU").
+    """
+    compute = keras.backend.standardize_dtype(model.dtype_policy.compute_dtype)
+    return compute not in ("bfloat16", "float16")
+
+
 class Generator:
     """The compiled step function of one model, cached by shape, and the prefill built on it.
 
@@ -74,10 +90,7 @@ class Generator:
         if self.backend == "tensorflow":
             import tensorflow as tf
 
-            # XLA for both shapes: with the [out, in] kernels its products run as fast as
-            # TensorFlow's own kernels on prefill chunks (T = 32) and ~1.4x faster on the
-            # decode step (T = 1, matrix-vector products bound by memory).
-            return tf.function(fn, jit_compile=True)
+            return tf.function(fn, jit_compile=uses_xla(self.model))
         if self.backend == "jax":
             return self._jax_compile(fn)
         if self.backend == "torch":

@@ -19,6 +19,24 @@ def matmul_transposed(x, w, output_type=None):
 
         flat = tf.reshape(x, [-1, x.shape[-1]])
         kwargs = {} if output_type is None else {"output_type": tf.as_dtype(output_type)}
-        y = tf.matmul(flat, w, transpose_b=True, **kwargs)
+        blocks = [tf.matmul(flat, w[start:start + rows], transpose_b=True, **kwargs)
+                  for start, rows in _row_blocks(w)]
+        y = blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=-1)
         return tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(w)[:1]], axis=0))
     return ops.matmul(x, ops.transpose(w))
+
+
+# TensorFlow's CPU products widen a 16-bit float kernel to a float32 copy of the whole
+# kernel: 2.2 GiB for the 2B's tied embedding, on top of the 1.1 GiB kernel. A kernel
+# larger than this is multiplied in blocks of rows, so the widened copy is one block.
+WIDENED_BLOCK_ELEMENTS = 2**26  # 256 MiB in float32
+
+
+def _row_blocks(w):
+    """(first row, rows) of the blocks `w` is multiplied in: one block for float32 and int8
+    kernels and for small 16-bit ones; blocks of at most WIDENED_BLOCK_ELEMENTS otherwise."""
+    out_dim, in_dim = int(w.shape[0]), int(w.shape[1])
+    if keras.backend.standardize_dtype(w.dtype) not in ("bfloat16", "float16"):
+        return [(0, out_dim)]
+    rows = max(1, WIDENED_BLOCK_ELEMENTS // in_dim)
+    return [(start, min(rows, out_dim - start)) for start in range(0, out_dim, rows)]

@@ -127,8 +127,7 @@ def test_streamed_blocks_give_the_same_model(hf_dir, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_variable_rows_reads_back_assigned_rows(dtype):
-    """Rows written block by block (a scatter on TensorFlow, which puts the variable in
-    copy-on-read mode) read back exactly, block by block."""
+    """Rows written block by block read back exactly, block by block."""
     import keras
     import ml_dtypes
 
@@ -142,6 +141,43 @@ def test_variable_rows_reads_back_assigned_rows(dtype):
         assert rows.shape == (stop - start, 5)
         np.testing.assert_array_equal(rows.astype(np.float32),
                                       values[start:stop].astype(np.float32))
+
+
+def _peak_of_a_read(variable):
+    """Bytes the resident peak rises by while a compiled (non-XLA) function reads `variable`."""
+    import tensorflow as tf
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return int(f.read().split(key + ":")[1].split()[0]) * 1024
+
+    read = tf.function(lambda x: tf.linalg.matvec(variable, x))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak to the current resident size
+    before = status("VmRSS")
+    read(tf.ones([variable.shape[1]]))
+    return status("VmHWM") - before
+
+
+def test_streamed_variables_are_read_without_a_copy():
+    """Row blocks are written in place without leaving TensorFlow's copy-on-read mode on: a
+    scatter does, and every later read outside XLA then copies the whole variable."""
+    import keras
+    import tensorflow as tf
+
+    size = 8192 * 8192 * 4  # 256 MiB
+    streamed = keras.Variable(np.zeros([8192, 8192], np.float32))
+    for start in range(0, 8192, 2048):
+        streamed_rows = np.full([2048, 8192], start, np.float32)
+        streaming.assign_rows(streamed, start, streamed_rows)
+    assert streamed.value[6144:6146, :3].numpy().tolist() == [[6144.0] * 3] * 2
+    assert _peak_of_a_read(streamed.value) < size / 4
+    assert streaming.variable_rows(streamed, 2047, 2049)[:, 0].tolist() == [0.0, 2048.0]
+    assert _peak_of_a_read(streamed.value) < size / 4  # reading rows back leaves it so
+
+    scattered = tf.Variable(np.zeros([8192, 8192], np.float32))
+    scattered.scatter_update(tf.IndexedSlices(tf.ones([2, 8192]), tf.constant([0, 1])))
+    assert _peak_of_a_read(scattered) > size * 3 / 4  # what the test guards against
 
 
 def test_construction_skips_initializers_only_inside(hf_dir):

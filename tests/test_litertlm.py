@@ -184,16 +184,19 @@ def test_bad_inputs_leave_no_file(bundle, tmp_path, tiny_tokenizer):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_engine_runs_an_int4_channel_bundle_like_gemma_tflite(bundle, tmp_path, tiny_tokenizer):
-    """The per-channel int4 file (scales shared by the signatures' tensors) bundled and run by
-    the engine gives the greedy text our own runtime gives on the same file."""
+@pytest.mark.parametrize("quantize", ["int8_channel", "int4_channel"])
+def test_engine_runs_a_per_channel_bundle_like_gemma_tflite(bundle, tmp_path, tiny_tokenizer,
+                                                           quantize):
+    """A per-channel int8 file (`gemma-keras export-tflite`'s default) or int4 file (row
+    scales shared by the signatures' tensors) bundled and run by the engine gives the greedy
+    text our own runtime gives on the same file."""
     from gemma_keras.tflite import GemmaTFLite, export_tflite
     from gemma_keras.tflite.litertlm import write_litertlm
 
     model = bundle[0]
-    path = export_tflite(model, tmp_path / "tiny_int4.tflite", quantize="int4_channel",
+    path = export_tflite(model, tmp_path / f"tiny_{quantize}.tflite", quantize=quantize,
                          kv_cache_max_len=CACHE_LEN, prefill_lens=PREFILL_LENS, progress=False)
-    out = write_litertlm(path, tiny_tokenizer.proto_path, tmp_path / "tiny_int4.litertlm",
+    out = write_litertlm(path, tiny_tokenizer.proto_path, tmp_path / f"tiny_{quantize}.litertlm",
                          max_num_tokens=CACHE_LEN)
     ours = GemmaTFLite(path, tiny_tokenizer.proto_path, num_threads=1)
     eng = litert_lm.Engine(str(out), backend=litert_lm.Backend.CPU(thread_count=1))

@@ -118,3 +118,35 @@ def test_bfloat16_model_close_to_float32(model, hf_checkpoint, padded_batch):
     assert err.max() < BFLOAT16_MAX_ERROR, err.max()
     assert err.mean() < BFLOAT16_MEAN_ERROR, err.mean()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_large_16_bit_kernels_are_multiplied_in_row_blocks(dtype, monkeypatch):
+    """A 16-bit kernel larger than WIDENED_BLOCK_ELEMENTS is multiplied in row blocks (so
+    TensorFlow widens one block at a time to float32); the product is unchanged."""
+    from gemma_keras import matmul
+
+    rng = np.random.default_rng(0)
+    x = keras.ops.convert_to_tensor(rng.standard_normal([2, 3, 64]), dtype)
+    w = keras.ops.convert_to_tensor(rng.standard_normal([1000, 64]), dtype)
+    whole = keras.ops.convert_to_numpy(keras.ops.cast(matmul.matmul_transposed(x, w), "float32"))
+    monkeypatch.setattr(matmul, "WIDENED_BLOCK_ELEMENTS", 64 * 300)
+    assert len(matmul._row_blocks(w)) == (4 if dtype == "bfloat16" else 1)
+    blocked = keras.ops.convert_to_numpy(keras.ops.cast(matmul.matmul_transposed(x, w), "float32"))
+    assert blocked.shape == (2, 3, 1000)
+    x64 = keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")).astype(np.float64)
+    w64 = keras.ops.convert_to_numpy(keras.ops.cast(w, "float32")).astype(np.float64)
+    reference = x64 @ w64.T
+    tolerance = 2 * 8 * float(np.finfo(np.float32).eps if dtype == "float32" else 2.0**-8)
+    for product in (whole, blocked):
+        np.testing.assert_allclose(product, reference, atol=tolerance * np.abs(reference).max())
+
+
+def test_generation_uses_xla_only_for_float32_compute(model):
+    """XLA on CPU widens every 16-bit kernel to float32 at once (3x the weights at 2B)."""
+    from gemma_keras.generation import uses_xla
+
+    config = model.config
+    assert uses_xla(model)
+    assert not uses_xla(Gemma2CausalLM.empty(config, dtype="bfloat16"))
+    assert not uses_xla(Gemma2CausalLM.empty(config, dtype="mixed_bfloat16"))
