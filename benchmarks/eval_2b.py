@@ -208,7 +208,8 @@ def stage_tflite(args):
     from gemma_keras.tflite import GemmaTFLite
     from gemma_keras.evaluation.scorers import TFLiteScorer, score_tails
 
-    runtime = GemmaTFLite(args.file, args.tokenizer, num_threads=2)
+    # no XNNPACK weight cache file beside the export (as large as the file; load is untimed)
+    runtime = GemmaTFLite(args.file, args.tokenizer, num_threads=2, weight_cache=False)
     scorer = TFLiteScorer(runtime)
 
     def score(docs):
