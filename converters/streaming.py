@@ -8,7 +8,8 @@
   TensorFlow backend, an XLA dynamic-update-slice; `variable.assign` of a whole 1.2 GB
   embedding makes two temporary copies, and a scatter leaves the variable copying itself on
   every later read).
-- `variable_rows(variable, start, stop)` reads a block of rows back as numpy.
+- `variable_rows(variable, start, stop)` reads a block of rows back as numpy (a dense slice:
+  a gather, like a scatter, would leave the variable copying itself on every read).
 """
 
 from __future__ import annotations
@@ -86,5 +87,11 @@ def _tf_row_writer():
 
 
 def variable_rows(variable, start: int, stop: int) -> np.ndarray:
-    """`variable[start:stop]` as a numpy array (only those rows are copied)."""
+    """`variable[start:stop]` as a numpy array (only those rows are copied).
+
+    On TensorFlow a dense slice, never a gather: a gather (like a scatter) puts the variable in
+    copy-on-read mode for good. On JAX, a slice of its host view: a jitted slice would
+    compile for every block."""
+    if keras.backend.backend() == "jax":
+        return np.array(np.asarray(variable.value)[start:stop])
     return keras.ops.convert_to_numpy(variable.value[start:stop])

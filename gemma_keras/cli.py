@@ -13,7 +13,7 @@ import pkgutil
 import sys
 
 import gemma_keras.commands as commands
-from gemma_keras import console_logs
+from gemma_keras import console_logs, defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None, quiet=False) -> int:
     """Parse `argv` and run the subcommand; `quiet` hides native log lines (unless
     `--verbose` or GEMMA_KERAS_VERBOSE=1)."""
+    defaults.prefer_onednn()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

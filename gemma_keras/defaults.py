@@ -10,6 +10,8 @@ Pure Python: the TFLite runtime imports it without TensorFlow or Keras.
 
 from __future__ import annotations
 
+import os
+
 DEFAULT_MAX_NEW_TOKENS = 64            # generate, the SavedModel's request default
 DEFAULT_CHAT_MAX_NEW_TOKENS = 256      # one chat reply
 DEFAULT_KV_CACHE_MAX_LEN = 1024        # TFLite export
@@ -99,3 +101,16 @@ def score_lens(requested, cache_len) -> tuple[int, ...]:
     if requested:
         return tuple(requested)
     return (min(DEFAULT_SCORE_LEN, int(cache_len)),)
+
+
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def prefer_onednn(environ=os.environ):
+    """Turn TensorFlow's oneDNN ops on unless `TF_ENABLE_ONEDNN_OPTS` is already set.
+
+    TensorFlow enables them by itself only on CPUs with AVX-512 VNNI/BF16 or AMX; elsewhere
+    (AVX2) its float32 matmul is Eigen's, which scored a 2B-width model 1.8x slower
+    (benchmarks/README.md, "Scoring throughput"). Takes effect only before TensorFlow is
+    imported: the `gemma-keras` command calls it first."""
+    environ.setdefault(ONEDNN_ENV, "1")

@@ -70,6 +70,19 @@ def test_console_command_is_quiet_unless_verbose():
                                      "found: /nothere")
 
 
+def test_console_command_turns_onednn_on_unless_told_not_to(monkeypatch):
+    """TensorFlow's oneDNN ops (which it leaves off on AVX2-only CPUs) are on in the command's
+    process, and an explicit TF_ENABLE_ONEDNN_OPTS=0 is respected."""
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    verbose = {"GEMMA_KERAS_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "0"}
+    message = "oneDNN custom operations are on"
+    for value, expected in ((None, True), ("0", False)):
+        env = {**verbose, **({"TF_ENABLE_ONEDNN_OPTS": value} if value else {})}
+        run = console("generate", "--chat", "reverse: red fish", env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert (message in run.stderr) == expected, (value, run.stderr[-2000:])
+
+
 @pytest.fixture(scope="module")
 def short_context_model(tiny_tokenizer, tmp_path_factory):
     """A random HF checkpoint whose context is 64 positions, with a tokenizer."""

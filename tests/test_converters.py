@@ -125,6 +125,24 @@ def test_streamed_blocks_give_the_same_model(hf_dir, monkeypatch):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_variable_rows_reads_back_assigned_rows(dtype):
+    """Rows written block by block read back exactly, block by block."""
+    import keras
+    import ml_dtypes
+
+    values = np.random.default_rng(0).standard_normal((37, 5)).astype(
+        ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    variable = keras.Variable(np.zeros((37, 5), values.dtype), dtype=dtype)
+    for start in range(0, 37, 8):
+        streaming.assign_rows(variable, start, values[start:start + 8])
+    for start, stop in [(0, 37), (3, 11), (36, 37)]:
+        rows = streaming.variable_rows(variable, start, stop)
+        assert rows.shape == (stop - start, 5)
+        np.testing.assert_array_equal(rows.astype(np.float32),
+                                      values[start:stop].astype(np.float32))
+
+
 def _peak_of_a_read(variable):
     """Bytes the resident peak rises by while a compiled (non-XLA) function reads `variable`."""
     import tensorflow as tf
@@ -154,6 +172,8 @@ def test_streamed_variables_are_read_without_a_copy():
         streaming.assign_rows(streamed, start, streamed_rows)
     assert streamed.value[6144:6146, :3].numpy().tolist() == [[6144.0] * 3] * 2
     assert _peak_of_a_read(streamed.value) < size / 4
+    assert streaming.variable_rows(streamed, 2047, 2049)[:, 0].tolist() == [0.0, 2048.0]
+    assert _peak_of_a_read(streamed.value) < size / 4  # reading rows back leaves it so
 
     scattered = tf.Variable(np.zeros([8192, 8192], np.float32))
     scattered.scatter_update(tf.IndexedSlices(tf.ones([2, 8192]), tf.constant([0, 1])))
