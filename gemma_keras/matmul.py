@@ -19,9 +19,12 @@ def matmul_transposed(x, w, output_type=None):
 
         flat = tf.reshape(x, [-1, x.shape[-1]])
         kwargs = {} if output_type is None else {"output_type": tf.as_dtype(output_type)}
-        blocks = [tf.matmul(flat, w[start:start + rows], transpose_b=True, **kwargs)
-                  for start, rows in _row_blocks(w)]
-        y = blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=-1)
+        blocks = _row_blocks(w)
+        if len(blocks) == 1:  # the kernel itself, unsliced (what the TFLite converter reads)
+            y = tf.matmul(flat, w, transpose_b=True, **kwargs)
+        else:
+            y = tf.concat([tf.matmul(flat, w[start:start + rows], transpose_b=True, **kwargs)
+                           for start, rows in blocks], axis=-1)
         return tf.reshape(y, tf.concat([tf.shape(x)[:-1], tf.shape(w)[:1]], axis=0))
     return ops.matmul(x, ops.transpose(w))
 
