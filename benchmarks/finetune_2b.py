@@ -43,6 +43,7 @@ SYSTEMS = {
     "keras-tf-xla-int8": ("tensorflow", "float32", True, True, False),
     "keras-tf-remat": ("tensorflow", "float32", False, False, True),
     "keras-tf-int8-remat": ("tensorflow", "float32", False, True, True),
+    "keras-tf-remat-logits": ("tensorflow", "float32", False, False, True),
     "keras-jax": ("jax", "float32", True, False, False),
     "keras-jax-bf16": ("jax", "mixed_bfloat16", True, False, False),
     "keras-jax-remat": ("jax", "float32", True, False, True),
@@ -50,6 +51,9 @@ SYSTEMS = {
     "peft": ("torch", "float32", False, False, False),
     "keras-hub": ("tensorflow", "float32", False, False, False),
 }
+# Compiled with Keras' loss on the full logits instead of the default chunked head loss
+# (gemma_keras/head_loss.py), to measure what the chunks save.
+KERAS_LOSS = ("keras-tf-remat-logits",)
 DEFAULT_SYSTEMS = ("keras-tf", "keras-tf-xla", "keras-tf-int8", "keras-jax", "peft",
                    "keras-hub")
 
@@ -77,7 +81,7 @@ def timed_steps(step, steps):
 def run_keras(system, batch, seq, smoke):
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.quantization import quantized_dtype, weight_bytes
-    from gemma_keras.training import adamw, remat_scope
+    from gemma_keras.training import adamw, masked_accuracy, masked_lm_loss, remat_scope
 
     _, dtype, xla, int8, remat = SYSTEMS[system]
     config = gemma_config(smoke)
@@ -89,7 +93,9 @@ def run_keras(system, batch, seq, smoke):
     else:
         lm = Gemma2CausalLM.empty(config, dtype=policy)
     lm.enable_lora(RANK)
-    lm.compile(optimizer=adamw(lm), jit_compile=xla)
+    keras_loss = (dict(loss=masked_lm_loss(), weighted_metrics=[masked_accuracy()])
+                  if system in KERAS_LOSS else {})
+    lm.compile(optimizer=adamw(lm), jit_compile=xla, **keras_loss)
     build = time.perf_counter() - t
     build_rss = rss_of(os.getpid())
     ids, labels, weights = batch_of(config, batch, seq)

@@ -7,7 +7,7 @@ import os
 import keras
 from keras import ops
 
-from gemma_keras import generation, lora, quantization, training
+from gemma_keras import generation, head_loss, lora, quantization, training
 from gemma_keras.backbone import Gemma2Backbone
 from gemma_keras.converters.files import TOKENIZER_NAME
 from gemma_keras.converters.keras_dir import open_pretrained
@@ -59,8 +59,14 @@ class Gemma2CausalLM(keras.Model):
     def build(self, input_shape=None):
         """Weights are created with the backbone; nothing is left to build."""
 
-    def call(self, inputs):
-        return self.logits(self.backbone(inputs))
+    def call(self, inputs, training=False):
+        """Logits [B, T, vocab]; in a training step whose loss is the chunked head loss
+        (`gemma_keras.head_loss`: the default loss with a frozen head), the final hidden
+        states instead, as `{"hidden_states": [B, T, hidden]}`."""
+        hidden = self.backbone(inputs)
+        if training and head_loss.applies(self):
+            return {head_loss.HIDDEN_STATES: hidden}
+        return self.logits(hidden)
 
     def logits(self, hidden):
         """Project hidden states on the tied embedding and apply the final soft-cap (float32)."""
@@ -80,11 +86,30 @@ class Gemma2CausalLM(keras.Model):
     def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
         """Keras `compile` with Gemma defaults for every "auto" argument (AdamW, masked
         sparse cross-entropy on logits, masked accuracy); see `gemma_keras.training`."""
+        defaults = _is_auto(loss) and _is_auto(weighted_metrics)
         optimizer, loss, weighted_metrics = training.default_compile_args(
             self, optimizer, loss, weighted_metrics
         )
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics,
                         **kwargs)
+        # With the default loss and metric, a frozen head trains through the chunked head
+        # loss (`gemma_keras.head_loss`).
+        self._chunked_head_loss = defaults
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras' loss, or the chunked head loss when the training call returned hidden
+        states (see `call`); it leaves the predicted ids in `y_pred` for the accuracy."""
+        if not isinstance(y_pred, dict):
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        loss, y_pred[head_loss.PREDICTIONS] = head_loss.lm_loss_and_predictions(
+            self, y_pred[head_loss.HIDDEN_STATES], y, sample_weight)
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' metrics, on the predicted ids after the chunked head loss."""
+        if isinstance(y_pred, dict):
+            y_pred = y_pred[head_loss.PREDICTIONS]
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def enable_lora(self, rank, alpha=None, targets=None):
         """Add LoRA adapters and freeze everything else; see `gemma_keras.lora`."""
@@ -155,3 +180,7 @@ class Gemma2CausalLM(keras.Model):
         if lora_spec:
             model.enable_lora(**lora_spec)
         return model
+
+
+def _is_auto(value):
+    return isinstance(value, str) and value == "auto"

@@ -45,3 +45,18 @@ def _row_blocks(w):
         return [(0, out_dim)]
     rows = max(1, WIDENED_BLOCK_ELEMENTS // in_dim)
     return [(start, min(rows, out_dim - start)) for start in range(0, out_dim, rows)]
+
+
+def read_after(value, tensor):
+    """`value`, read only once `tensor` exists (on TensorFlow; elsewhere `value` itself).
+
+    TensorFlow's executor runs an op as soon as its inputs are ready, and a loop runs up to
+    ten iterations at once: without this order, the int8 backward pass dequantizes every
+    layer's weights at its start (a float copy of the whole model), and a chunked loop
+    computes several chunks together."""
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    with tf.control_dependencies([tensor]):
+        return tf.identity(value)

@@ -34,7 +34,7 @@ from keras.dtype_policies import DTypePolicyMap
 from keras.quantizers import AbsMaxQuantizer, QuantizationConfig, pack_int4, unpack_int4
 
 from gemma_keras.lora import has_lora
-from gemma_keras.matmul import matmul_transposed
+from gemma_keras.matmul import matmul_transposed, read_after
 
 MODES = ("int8", "int4")
 VALUE_RANGES = {"int8": (-127, 127), "int4": (-8, 7)}
@@ -91,18 +91,6 @@ def activation_quantizer(config, mode):
     return QuantizationConfig.activation_quantizer_or_default(config, default)
 
 
-def _after(q, tensor):
-    """`q`, read only once `tensor` exists. TensorFlow's executor runs an op as soon as its
-    inputs are ready, so without this it dequantizes every layer's weights at the start of
-    the backward pass (a float copy of the whole model); elsewhere `q` itself."""
-    if keras.backend.backend() != "tensorflow":
-        return q
-    import tensorflow as tf
-
-    with tf.control_dependencies([tensor]):
-        return tf.identity(q)
-
-
 def _block_rows(rows, cols):
     """Rows per block of the input gradient: all of them for a small matrix, else the largest
     divisor of `rows` whose block holds at most BACKWARD_BLOCK_ELEMENTS weights."""
@@ -124,8 +112,8 @@ def _blocked_int_product(xq, q):
 
     def body(i, out):
         start = i * block
-        part = matmul_transposed(flat, ops.slice(_after(q, out), (start, 0), (block, cols)),
-                                 output_type="int32")
+        rows_q = ops.slice(read_after(q, out), (start, 0), (block, cols))
+        part = matmul_transposed(flat, rows_q, output_type="int32")
         return ops.slice_update(out, (0, start), part)
 
     out = ops.fori_loop(0, rows // block, body, ops.zeros((n, rows), "int32"))
@@ -138,14 +126,14 @@ def _dequantized_product(g, q):
     rows, cols = q.shape
     block = _block_rows(rows, cols)
     if block == rows:
-        return ops.matmul(g, ops.cast(_after(q, g), g.dtype))
+        return ops.matmul(g, ops.cast(read_after(q, g), g.dtype))
     flat = ops.reshape(g, (-1, rows))
     n = ops.shape(flat)[0]
 
     def body(i, total):
         start = i * block
         part = ops.slice(flat, (0, start), (n, block))
-        weights = ops.cast(ops.slice(_after(q, total), (start, 0), (block, cols)), g.dtype)
+        weights = ops.cast(ops.slice(read_after(q, total), (start, 0), (block, cols)), g.dtype)
         return total + ops.matmul(part, weights)
 
     total = ops.fori_loop(0, rows // block, body, ops.zeros((n, cols), g.dtype))
@@ -172,7 +160,7 @@ def quantized_matmul_transposed(x, q, scale, inputs_quantizer=None):
             xq, x_scale = inputs_quantizer(x, axis=-1)
             y = ops.cast(_blocked_int_product(xq, q), dtype) / (ops.cast(x_scale, dtype) * scale)
         else:
-            y = matmul_transposed(x, ops.cast(_after(q, x), dtype)) / scale
+            y = matmul_transposed(x, ops.cast(read_after(q, x), dtype)) / scale
         return y, grad
 
     return product(x, ops.convert_to_tensor(q), ops.convert_to_tensor(scale))

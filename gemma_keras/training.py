@@ -67,7 +67,27 @@ def masked_lm_loss():
 
 def masked_accuracy():
     """Next-token accuracy; as a `weighted_metrics` entry it counts only weighted tokens."""
-    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    return TokenAccuracy(name="accuracy")
+
+
+def token_matches(y_true, y_pred):
+    """1.0 where the predicted token is the label: `y_pred` is logits [..., vocab] or, as the
+    chunked head loss gives it, the predicted ids [...] (integers)."""
+    if "int" not in keras.backend.standardize_dtype(y_pred.dtype):
+        y_pred = keras.ops.argmax(y_pred, axis=-1)
+    same = keras.ops.equal(keras.ops.cast(y_true, "int32"), keras.ops.cast(y_pred, "int32"))
+    return keras.ops.cast(same, "float32")
+
+
+@keras.saving.register_keras_serializable(package="gemma_keras")
+class TokenAccuracy(keras.metrics.MeanMetricWrapper):
+    """Keras' `SparseCategoricalAccuracy`, also taking predicted token ids for `y_pred`."""
+
+    def __init__(self, name="accuracy", dtype=None):
+        super().__init__(fn=token_matches, name=name, dtype=dtype)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
 
 
 def default_compile_args(model, optimizer="auto", loss="auto", weighted_metrics="auto"):
