@@ -146,7 +146,7 @@ def test_int4_per_channel_and_unsupported_modes(held_out, float_reference):
 
 @pytest.fixture(scope="module")
 def lora_runs():
-    """The same LoRA fine-tune (rank 8, all projections, 96 steps) on the float model and on
+    """The same LoRA fine-tune (rank 8, all projections, 160 steps) on the float model and on
     its int8 quantization, with the held-out exact match before and after."""
     import keras
 
@@ -165,7 +165,7 @@ def lora_runs():
         train = encode_records(tiny_task.training_examples(1024, task=NEW_TASK),
                                model.tokenizer, 32)
         model.compile(optimizer=adamw(model, learning_rate=1e-2), jit_compile=False)
-        model.fit(train.tf_dataset(32), epochs=3, shuffle=False, verbose=0)
+        model.fit(train.tf_dataset(32), epochs=5, shuffle=False, verbose=0)
         results[mode] = (model, before, tiny_task.teacher_forced_exact_match(model, held), held)
     return results
 
@@ -176,9 +176,11 @@ def test_lora_on_int8_learns_like_lora_on_float(lora_runs):
     model, before, after, _ = lora_runs["int8"]
     assert all("/lora_" in v.path for v in model.trainable_variables)
     assert before <= 0.1 and float_before <= 0.1, (before, float_before)
-    # measured: float 81%, int8 74% after 96 steps (both reach 100% with more)
-    assert float_after >= 0.5 and after >= 0.5, (float_after, after)
-    assert after >= float_after - 0.2, (float_after, after)
+    # Held-out exact match after 160 steps at seed 0: float 60%, int8 91% (with Keras' loss
+    # on the logits, 96 steps: float 81%, int8 74%). A run's exact match moves by more than
+    # int8 moves it (tests/test_lora.py: 60% to 98% with the seed), so the robust claim is
+    # that both learn the task.
+    assert float_after >= float_before + 0.5 and after >= before + 0.5, (float_after, after)
 
 
 @pytest.mark.trains
