@@ -30,6 +30,7 @@ import numpy as np
 
 import machine
 from gemm_peak import step_flops
+from gemma_keras.defaults import prefer_onednn
 from generate_2b import gemma_config, keras_hub_causal_lm, peak_rss_bytes, rss_of, run_capped
 
 RANK, STEPS = 8, 3
@@ -182,8 +183,17 @@ def run_child(system, shape, smoke, rss_cap, time_limit):
     env = {**os.environ, "KERAS_BACKEND": SYSTEMS[system][0], "TF_CPP_MIN_LOG_LEVEL": "2"}
     if SYSTEMS[system][0] == "torch":
         env["KERAS_BACKEND"] = "tensorflow"
+    if system.startswith("keras-tf"):
+        prefer_onednn(env)  # as `gemma-keras finetune` runs (keras-hub: TensorFlow's default)
     cmd = [sys.executable, __file__, "--child", system, "--shapes", shape]
     return run_capped(cmd + (["--smoke"] if smoke else []), rss_cap, time_limit, env)
+
+
+def onednn_setting():
+    """The TF_ENABLE_ONEDNN_OPTS the gemma-keras TensorFlow children run with."""
+    env = dict(os.environ)
+    prefer_onednn(env)
+    return env["TF_ENABLE_ONEDNN_OPTS"]
 
 
 def row(system, shape, result, float32_bytes, config):
@@ -224,7 +234,8 @@ def main():
     float32_bytes = 4 * params
     print(f"# {machine.describe()}; {'smoke config' if args.smoke else 'Gemma 2 2B'} "
           f"({params:,} parameters, {float32_bytes / 2**30:.2f} GiB in float32); LoRA rank "
-          f"{RANK} on q, k, v, o; AdamW; median of {STEPS} steps after one compiling step; GFLOPS = the step's FLOPs (gemm_peak.step_flops) over its time",
+          f"{RANK} on q, k, v, o; AdamW; median of {STEPS} steps after one compiling step; GFLOPS = the step's FLOPs (gemm_peak.step_flops) over its time; "
+          f"keras-tf* with TF_ENABLE_ONEDNN_OPTS={onednn_setting()}",
           flush=True)
     header = ("| system | batch x seq | step s | tokens/s | GFLOPS | RSS after build GiB | peak RSS GiB "
               "| peak / f32 weights | compile step s | status |")
