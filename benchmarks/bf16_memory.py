@@ -25,11 +25,6 @@ import machine
 DECODE = 4
 
 
-def status_gib(key):
-    with open("/proc/self/status") as f:
-        return int(f.read().split(key + ":")[1].split()[0]) / 2**20
-
-
 def child(dtype, xla, layers):
     from gemma_keras import generation
     from gemma_keras.causal_lm import Gemma2CausalLM
@@ -41,7 +36,7 @@ def child(dtype, xla, layers):
                                  layer_types=full.layer_types[:layers])
     model = Gemma2CausalLM.empty(config, dtype=dtype)
     weights = sum(v.numpy().nbytes for v in model.weights) / 2**30
-    built = status_gib("VmRSS")
+    built = machine.rss_bytes() / 2**30
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak from here on
     prompt = [config.bos_token_id, *range(100, 131)]
@@ -51,7 +46,7 @@ def child(dtype, xla, layers):
                                          stop_token_ids=()))
     seconds = time.perf_counter() - start
     print(json.dumps(dict(dtype=dtype, xla=xla, layers=layers, weights_gib=weights,
-                          built_gib=built, peak_gib=status_gib("VmHWM"),
+                          built_gib=built, peak_gib=machine.peak_rss_bytes() / 2**30,
                           seconds=seconds, tokens=len(steps))))
 
 

@@ -4,7 +4,6 @@ Usage: flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/build_2b.py [--dt
 """
 
 import argparse
-import resource
 import time
 
 import machine
@@ -23,11 +22,11 @@ def main():
     seconds = time.perf_counter() - start
     params = model.count_params()
     expected = Gemma2Config.preset(args.preset).num_parameters()
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gib = machine.peak_rss_bytes() / 2**30
 
     print(f"# {machine.describe()}")
-    print(f"| preset | dtype | parameters | expected | build s | peak RSS GiB |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| preset | dtype | parameters | expected | build s | peak RSS GiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {args.preset} | {args.dtype} | {params:,} | {expected:,} | {seconds:.1f} | "
           f"{peak_gib:.1f} |")
     if params != expected:

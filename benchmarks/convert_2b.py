@@ -30,14 +30,6 @@ PRESET = "gemma2_2b"
 DTYPE = "bfloat16"
 
 
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def phase_write(work):
     """A random bfloat16 checkpoint, streamed block by block."""
     import ml_dtypes
@@ -145,7 +137,7 @@ def phased_main(doc, script, phases, heading, describe):
     if args.phase:
         start = time.perf_counter()
         result = phases[args.phase](args.work)
-        result.update(seconds=time.perf_counter() - start, peak_rss=peak_rss_bytes())
+        result.update(seconds=time.perf_counter() - start, peak_rss=machine.peak_rss_bytes())
         print(json.dumps(result))
         return
 

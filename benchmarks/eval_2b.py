@@ -121,14 +121,6 @@ def stage_gemm(args):
     return {"gflops": 2 * m * k * n / best_seconds(run) / 1e9}
 
 
-def peak_rss_gib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def timed(score, docs, warmup_tokens):
     """(seconds, total log-likelihood) of `score(docs)`, after a warm-up on the first
     `warmup_tokens` of the first document."""
@@ -219,7 +211,7 @@ def _result(score, docs, args):
     seconds, total = timed(score, docs, args.warmup_tokens)
     tokens = sum(len(d) for d in docs)
     return {"seconds": seconds, "tokens_per_s": tokens / seconds,
-            "nll": -total / sum(len(d) - 1 for d in docs), "peak_rss_gib": peak_rss_gib()}
+            "nll": -total / sum(len(d) - 1 for d in docs), "peak_rss_gib": machine.peak_rss_bytes() / 2**30}
 
 
 STAGES = {"keras": stage_keras, "transformers": stage_transformers, "tflite": stage_tflite,

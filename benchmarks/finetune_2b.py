@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -31,7 +30,7 @@ import numpy as np
 import machine
 from gemm_peak import step_flops
 from gemma_keras.defaults import prefer_onednn
-from generate_2b import gemma_config, keras_hub_causal_lm, peak_rss_bytes, rss_of, run_capped
+from generate_2b import gemma_config, keras_hub_causal_lm, run_capped
 
 RANK, STEPS = 8, 3
 SHAPES = ("1x128", "1x512", "4x128")  # batch x sequence length
@@ -98,7 +97,7 @@ def run_keras(system, batch, seq, smoke):
                   if system in KERAS_LOSS else {})
     lm.compile(optimizer=adamw(lm), jit_compile=xla, **keras_loss)
     build = time.perf_counter() - t
-    build_rss = rss_of(os.getpid())
+    build_rss = machine.rss_bytes()
     ids, labels, weights = batch_of(config, batch, seq)
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     warmup, step = timed_steps(lambda: lm.train_on_batch(x, labels, weights), STEPS)
@@ -119,7 +118,7 @@ def run_keras_hub(batch, seq, smoke):
     lm.compile(optimizer=optimizer, jit_compile=False,
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     build = time.perf_counter() - t
-    build_rss = rss_of(os.getpid())
+    build_rss = machine.rss_bytes()
     ids, labels, weights = batch_of(config, batch, seq)
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     warmup, step = timed_steps(lambda: lm.train_on_batch(x, labels, weights), STEPS)
@@ -149,7 +148,7 @@ def run_peft(batch, seq, smoke):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=2e-4, weight_decay=0.01)
     build = time.perf_counter() - t
-    build_rss = rss_of(os.getpid())
+    build_rss = machine.rss_bytes()
     ids, _, _ = batch_of(config, batch, seq)
     ids = torch.from_numpy(ids.astype(np.int64))
 
@@ -172,7 +171,7 @@ def child(system, shape, smoke):
         result = run_keras_hub(batch, seq, smoke)
     else:
         result = run_keras(system, batch, seq, smoke)
-    result["peak_rss"] = peak_rss_bytes()
+    result["peak_rss"] = machine.peak_rss_bytes()
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -69,10 +68,6 @@ def read_bandwidth(gib=2.0, repeats=5):
             read()
             best = max(best, data.nbytes / (time.perf_counter() - t))
     return best
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def fast_random_initializers():
@@ -186,7 +181,7 @@ def run_keras_hub(new, smoke):
     generate = time.perf_counter() - t
     return dict(build_s=build, warmup_s=warmup, prefill_s=prefill,
                 decode_s=generate - prefill, decode_tokens=new - 1,
-                params=backbone.count_params())
+                params=lm.backbone.count_params())
 
 
 def run_transformers(dtype, new, smoke):
@@ -243,22 +238,11 @@ def child(system, smoke):
         result = run_keras_hub(new, smoke)
     else:
         result = run_transformers(system.rsplit("-", 1)[1], new, smoke)
-    result["peak_rss"] = peak_rss_bytes()
+    result["peak_rss"] = machine.peak_rss_bytes()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------ parent
-def rss_of(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run_capped(cmd, rss_cap, time_limit, env=None):
     """Run `cmd` (a benchmark child that prints one `RESULT {json}` line), killing it past
     `rss_cap` bytes resident or `time_limit` seconds. Returns its result with `status`
@@ -272,7 +256,7 @@ def run_capped(cmd, rss_cap, time_limit, env=None):
         reader.start()
     start, peak, status = time.perf_counter(), 0, None
     while proc.poll() is None:
-        peak = max(peak, rss_of(proc.pid))
+        peak = max(peak, machine.rss_bytes(proc.pid))
         if peak > rss_cap:
             status = f"killed: resident memory passed the {rss_cap / 2**30:.0f} GiB cap"
         elif time.perf_counter() - start > time_limit:

@@ -49,6 +49,32 @@ def memory_gib() -> float:
     return float("nan")
 
 
+def proc_status(pid="self") -> dict:
+    """The memory fields of /proc/<pid>/status (VmRSS, VmHWM, RssAnon, RssFile, ...) in
+    bytes; {} once the process is gone. Writing "5" to /proc/self/clear_refs resets this
+    process's VmHWM (its peak) to its VmRSS."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
+def peak_rss_bytes(pid="self") -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    return proc_status(pid).get("VmHWM", 0)
+
+
+def rss_bytes(pid="self") -> int:
+    """The process's resident memory now (VmRSS), in bytes; 0 once it is gone."""
+    return proc_status(pid).get("VmRSS", 0)
+
+
 def describe() -> str:
     """One line: UTC date and time, CPU model and flags, cores, memory, load average."""
     model, flags = cpu_model_and_flags()

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "gemma_keras/assets/tiny/token
 
 
 def _peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return machine.peak_rss_bytes() / 2**30
 
 
 def _available_gib():

@@ -81,13 +81,10 @@ SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidde
 # ------------------------------------------------------------------ helpers
 def proc_status():
     """VmRSS, VmHWM, RssAnon, RssFile of this process, in GiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0]) * 1024 / GIB
-    return out
+    import machine
+
+    status = machine.proc_status()
+    return {key: status[key] / GIB for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 class RssSampler:
