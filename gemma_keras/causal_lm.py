@@ -86,7 +86,7 @@ class Gemma2CausalLM(keras.Model):
     def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
         """Keras `compile` with Gemma defaults for every "auto" argument (AdamW, masked
         sparse cross-entropy on logits, masked accuracy); see `gemma_keras.training`."""
-        defaults = _is_auto(loss) and _is_auto(weighted_metrics)
+        defaults = training.is_auto(loss) and training.is_auto(weighted_metrics)
         optimizer, loss, weighted_metrics = training.default_compile_args(
             self, optimizer, loss, weighted_metrics
         )
@@ -180,7 +180,3 @@ class Gemma2CausalLM(keras.Model):
         if lora_spec:
             model.enable_lora(**lora_spec)
         return model
-
-
-def _is_auto(value):
-    return isinstance(value, str) and value == "auto"

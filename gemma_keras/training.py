@@ -90,13 +90,18 @@ class TokenAccuracy(keras.metrics.MeanMetricWrapper):
         return {"name": self.name, "dtype": self.dtype}
 
 
+def is_auto(value) -> bool:
+    """Whether a `compile` argument is "auto" (Gemma's default is to be used)."""
+    return isinstance(value, str) and value == "auto"
+
+
 def default_compile_args(model, optimizer="auto", loss="auto", weighted_metrics="auto"):
     """Replace each "auto" argument of `compile` by Gemma's default; keep the others."""
-    if isinstance(optimizer, str) and optimizer == "auto":
+    if is_auto(optimizer):
         optimizer = adamw(model)
-    if isinstance(loss, str) and loss == "auto":
+    if is_auto(loss):
         loss = masked_lm_loss()
-    if isinstance(weighted_metrics, str) and weighted_metrics == "auto":
+    if is_auto(weighted_metrics):
         weighted_metrics = [masked_accuracy()]
     return optimizer, loss, weighted_metrics
 
