@@ -20,6 +20,7 @@ weights' bytes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ SYSTEMS = {
     "keras-jax-bf16": ("jax", "mixed_bfloat16", True, False, False),
     "keras-jax-remat": ("jax", "float32", True, False, True),
     "keras-jax-int8": ("jax", "float32", True, True, False),
+    "keras-jax-int8-remat": ("jax", "float32", True, True, True),
     "peft": ("torch", "float32", False, False, False),
     "keras-hub": ("tensorflow", "float32", False, False, False),
 }
@@ -229,6 +231,10 @@ def main():
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    for system, package in (("peft", "peft"), ("keras-hub", "keras_hub")):
+        if system in systems and importlib.util.find_spec(package) is None:
+            parser.error(f"{system} needs the {package} package: "
+                         "pip install -e '.[benchmark]'")
     params = gemma_config(args.smoke).num_parameters()
     float32_bytes = 4 * params
     print(f"# {machine.describe()}; {'smoke config' if args.smoke else 'Gemma 2 2B'} "

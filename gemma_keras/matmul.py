@@ -48,13 +48,23 @@ def _row_blocks(w):
 
 
 def read_after(value, tensor):
-    """`value`, read only once `tensor` exists (on TensorFlow; elsewhere `value` itself).
+    """`value`, read only once `tensor` exists (TensorFlow and JAX; elsewhere `value`).
 
     TensorFlow's executor runs an op as soon as its inputs are ready, and a loop runs up to
-    ten iterations at once: without this order, the int8 backward pass dequantizes every
+    ten iterations at once; XLA's scheduler (JAX) may also hoist an op on the weights alone
+    to the start of the step. Without this order, the int8 backward pass dequantizes every
     layer's weights at its start (a float copy of the whole model), and a chunked loop
     computes several chunks together."""
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "jax":
+        # XLA drops control dependencies and optimization barriers before it schedules, so
+        # the order is a data dependency (as tf.recompute_grad makes under XLA): `value`
+        # plus min(|t|, 0) = 0 for one element t of `tensor`, which XLA does not fold.
+        import jax.numpy as jnp
+
+        first = jnp.ravel(tensor)[:1].astype("float32")
+        return value + jnp.minimum(jnp.abs(first), 0.0).astype(value.dtype).reshape(())
+    if backend != "tensorflow":
         return value
     import tensorflow as tf
 

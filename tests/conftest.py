@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,6 +32,20 @@ TINY_HF_CONFIG = dict(
     eos_token_id=1,
     bos_token_id=2,
 )
+
+
+def run_script(script, *args, backend="tensorflow", env=None, timeout=600):
+    """Run `script` (Python source) in a fresh interpreter on Keras `backend` (JAX on the CPU)
+    with `args` as its argv; fail with its stderr unless it exits 0, and return the JSON of
+    its last line that starts with "RESULT"."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, f"the script printed no RESULT line; stdout ends: {proc.stdout[-2000:]}"
+    return json.loads(lines[-1][len("RESULT"):])
 
 
 def make_hf_model(seed=0, dtype="float32", **overrides):

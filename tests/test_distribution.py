@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+
+from conftest import run_script
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -47,12 +45,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_training_steps_match_unsharded():
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+    out = run_script(SCRIPT, backend="jax", timeout=900,
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     reference = out["unsharded"]
     assert reference[1] < reference[0]  # the first step changed the weights
     for name in ("data_parallel", "model_parallel", "fsdp"):

@@ -3,13 +3,11 @@ the logits, on TensorFlow (with and without XLA) and JAX, without holding the lo
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from conftest import run_script
 
 SAME_STEPS = textwrap.dedent("""
     import json, sys
@@ -48,23 +46,13 @@ SAME_STEPS = textwrap.dedent("""
 """)
 
 
-def run(script, backend, *args, env=None):
-    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
-           "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
-
-
 @pytest.mark.parametrize("backend, jit", [("tensorflow", "0"), ("tensorflow", "1"),
                                           ("jax", "1")])
 def test_chunked_head_loss_trains_as_keras_loss_on_the_logits(backend, jit):
     """Three SGD steps of LoRA on the bundled model (a task it was not trained on), the chunked loss (5-token chunks, the
     last one padded) against Keras' masked cross-entropy on the full logits: the same loss,
     accuracy and weights."""
-    out = run(SAME_STEPS, backend, jit)
+    out = run_script(SAME_STEPS, jit, backend=backend)
     assert out["applies"] == [True, False]
     assert out["training_output"] == "dict"  # hidden states, not logits
     assert out["tokens"] % 5 != 0
@@ -120,7 +108,7 @@ def test_chunked_head_loss_does_not_hold_the_logits():
     # shows nothing (a test running the `gemma-keras` command in this process turns oneDNN
     # on for its children); TensorFlow's own allocator returns large buffers when freed.
     eigen = {"TF_ENABLE_ONEDNN_OPTS": "0"}
-    keras_peak = run(STEP_PEAK, "tensorflow", "keras", env=eigen)["step_peak"]
-    chunked_peak = run(STEP_PEAK, "tensorflow", "chunked", env=eigen)["step_peak"]
+    keras_peak = run_script(STEP_PEAK, "keras", env=eigen)["step_peak"]
+    chunked_peak = run_script(STEP_PEAK, "chunked", env=eigen)["step_peak"]
     assert keras_peak > 2 * logits_bytes, keras_peak  # the measure sees the logits
     assert chunked_peak < logits_bytes / 2, (chunked_peak, keras_peak)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import TRAIN_SEED
+from conftest import TRAIN_SEED, run_script
 from gemma_keras import tiny_task
 from gemma_keras.data import DataError, encode_records, load_jsonl
 
@@ -159,18 +157,9 @@ JAX_FIT = textwrap.dedent("""
 """)
 
 
-def run_jax(script, extra_env=None):
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", **(extra_env or {})}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
-
-
 @pytest.mark.trains
 def test_fit_on_jax_backend_in_mixed_bfloat16_with_gradient_accumulation_and_remat():
-    out = run_jax(JAX_FIT)
+    out = run_script(JAX_FIT, backend="jax")
     assert out["remat"] == ["list_of_layers"] * 4
     assert out["compute_dtype"] == "bfloat16" and out["variable_dtype"] == "float32"
     assert out["iterations"] == 6  # 12 batches, gradients accumulated over 2
