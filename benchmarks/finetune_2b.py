@@ -56,8 +56,10 @@ SYSTEMS = {
 # Compiled with Keras' loss on the full logits instead of the default chunked head loss
 # (gemma_keras/head_loss.py), to measure what the chunks save.
 KERAS_LOSS = ("keras-tf-remat-logits",)
-DEFAULT_SYSTEMS = ("keras-tf", "keras-tf-xla", "keras-tf-int8", "keras-jax", "peft",
-                   "keras-hub")
+# The default comparison: TensorFlow with and without XLA and JAX, float32 and mixed_bfloat16,
+# the int8 base on JAX (the leanest), and the two peers.
+DEFAULT_SYSTEMS = ("keras-tf", "keras-tf-xla", "keras-jax", "keras-tf-bf16", "keras-jax-bf16",
+                   "keras-jax-int8", "peft", "keras-hub")
 
 
 def batch_of(config, batch, seq):
