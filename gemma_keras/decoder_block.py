@@ -7,6 +7,7 @@ from keras import ops
 
 from gemma_keras.attention import Gemma2Attention
 from gemma_keras.layers import _PACKAGE, Linear, RMSNorm
+from gemma_keras.matmul import read_after
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -71,10 +72,14 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         return x, cache
 
     def rematerialized_call(self, layer_call, *args, **kwargs):
-        """Keras' remat hook, made to work on TensorFlow: `tf.recompute_grad` takes no keyword
-        arguments, so the block is recomputed as a function of `x` alone (positions and mask
-        closed over). Generation (with a cache) is never rematerialised."""
-        remat = keras.backend.backend() == "tensorflow" and self._remat_mode is not None and (
+        """Keras' remat hook, made to work: each block saves only its input and is recomputed
+        in the backward pass once the gradient reaching it exists. On TensorFlow with
+        `tf.recompute_grad` (which takes no keyword arguments, so the block is a function of
+        `x` alone, positions and mask closed over); on JAX with `recomputed_after_gradient`,
+        because `jax.checkpoint` barely saves memory on XLA's CPU backend (see
+        benchmarks/jax_remat.py). Generation (with a cache) is never rematerialised."""
+        backend = keras.backend.backend()
+        remat = backend in ("tensorflow", "jax") and self._remat_mode is not None and (
             self._remat_mode.mode == "list_of_layers"
             and self.name in self._remat_mode.layer_names)
         if not remat:
@@ -83,9 +88,12 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         def call(x, positions, mask, cache=None, cache_index=None):
             if cache is not None:
                 return layer_call(x, positions, mask, cache=cache, cache_index=cache_index)
+            block = lambda h: layer_call(h, positions, mask)[0]  # noqa: E731
+            if backend == "jax":
+                return recomputed_after_gradient(block, self, x), None
             import tensorflow as tf
 
-            return tf.recompute_grad(lambda h: layer_call(h, positions, mask)[0])(x), None
+            return tf.recompute_grad(block)(x), None
 
         return call
 
@@ -102,3 +110,33 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
         }
+
+
+def recomputed_after_gradient(fn, layer, x):
+    """`fn(x)` on JAX, differentiable in `x` and in `layer`'s trainable variables, storing
+    only `x` and those variables' values: the backward pass recomputes `fn` after a data
+    dependency on the incoming gradient (`matmul.read_after`), so XLA can neither merge the
+    recomputation with the forward pass nor schedule it early. `layer`'s other variables
+    (frozen weights) are read as they are and get no gradient."""
+    import jax
+
+    trainable = list(layer.trainable_variables)
+    frozen = [(v, v.value) for v in layer.non_trainable_variables]  # the step's own values
+
+    def with_values(values, h):
+        with keras.StatelessScope(state_mapping=list(zip(trainable, values)) + frozen):
+            return fn(h)
+
+    @jax.custom_vjp
+    def recomputed(values, h):
+        return with_values(values, h)
+
+    def forward(values, h):
+        return with_values(values, h), (values, h)
+
+    def backward(saved, gradient):
+        values, h = saved
+        return jax.vjp(with_values, values, read_after(h, gradient))[1](gradient)
+
+    recomputed.defvjp(forward, backward)
+    return recomputed([v.value for v in trainable], x)
