@@ -116,7 +116,8 @@ def remat_scope(config):
     ...     model = Gemma2CausalLM.from_pretrained(directory)
 
     On TensorFlow the blocks do it with `tf.recompute_grad` themselves
-    (`Gemma2DecoderBlock.rematerialized_call`); on JAX with `jax.checkpoint`.
+    (`Gemma2DecoderBlock.rematerialized_call`); on JAX with a `jax.custom_vjp` of their own
+    (`decoder_block.recomputed_after_gradient`).
     """
     names = [f"decoder_block_{i}" for i in range(config.num_hidden_layers)]
     return keras.RematScope(mode="list_of_layers", layer_names=names)
