@@ -2,7 +2,8 @@
 plan (the compiled gradient's temporary bytes) for a chain of MLP blocks, three ways:
 stored activations, `jax.checkpoint` on each block, and a `jax.custom_vjp` that saves the
 block's input and recomputes the block after a data dependency on the incoming gradient
-(what `tf.recompute_grad` does under XLA). Pure JAX, no Keras: a few seconds, no lock.
+(`gemma_keras.remat.recompute_after_gradient`, what `tf.recompute_grad` does under XLA).
+Pure JAX on explicit weights: a few seconds, no lock.
 
   .venv/bin/python benchmarks/jax_remat.py
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["KERAS_BACKEND"] = "jax"  # matmul.read_after orders by the backend
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import machine  # noqa: E402
+from gemma_keras.remat import recompute_after_gradient  # noqa: E402
 
 LAYERS, TOKENS, WIDTH, HIDDEN = 8, 512, 256, 2048
 
@@ -26,29 +29,12 @@ def block(w, x):
     return x + (jax.nn.gelu(x @ w[0]) * (x @ w[1])) @ w[2]
 
 
-@jax.custom_vjp
-def ordered_block(w, x):
-    return block(w, x)
-
-
-def _forward(w, x):
-    return block(w, x), (w, x)
-
-
-def _backward(saved, g):
-    w, x = saved
-    x = x + jnp.minimum(jnp.abs(g.ravel()[:1]), 0.0).reshape(())  # wait for the gradient
-    return jax.vjp(block, w, x)[1](g)
-
-
-ordered_block.defvjp(_forward, _backward)
-
 WAYS = {
     "stored activations": block,
     "jax.checkpoint": jax.checkpoint(block),
     "jax.checkpoint, nothing_saveable": jax.checkpoint(
         block, policy=jax.checkpoint_policies.nothing_saveable),
-    "custom_vjp ordered on the gradient": ordered_block,
+    "custom_vjp ordered on the gradient": lambda w, x: recompute_after_gradient(block, w, x),
 }
 
 

@@ -7,7 +7,7 @@ from keras import ops
 
 from gemma_keras.attention import Gemma2Attention
 from gemma_keras.layers import _PACKAGE, Linear, RMSNorm
-from gemma_keras.matmul import read_after
+from gemma_keras.remat import recompute_after_gradient
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -113,30 +113,15 @@ class Gemma2DecoderBlock(keras.layers.Layer):
 
 
 def recomputed_after_gradient(fn, layer, x):
-    """`fn(x)` on JAX, differentiable in `x` and in `layer`'s trainable variables, storing
-    only `x` and those variables' values: the backward pass recomputes `fn` after a data
-    dependency on the incoming gradient (`matmul.read_after`), so XLA can neither merge the
-    recomputation with the forward pass nor schedule it early. `layer`'s other variables
-    (frozen weights) are read as they are and get no gradient."""
-    import jax
-
+    """`fn(x)` on JAX through `remat.recompute_after_gradient`, differentiable in `x` and in
+    `layer`'s trainable variables, which are passed explicitly. `layer`'s other variables
+    (frozen weights) are mapped to the step's own values (a nested `StatelessScope` does not
+    inherit the outer one's) and get no gradient."""
     trainable = list(layer.trainable_variables)
-    frozen = [(v, v.value) for v in layer.non_trainable_variables]  # the step's own values
+    frozen = [(v, v.value) for v in layer.non_trainable_variables]
 
     def with_values(values, h):
         with keras.StatelessScope(state_mapping=list(zip(trainable, values)) + frozen):
             return fn(h)
 
-    @jax.custom_vjp
-    def recomputed(values, h):
-        return with_values(values, h)
-
-    def forward(values, h):
-        return with_values(values, h), (values, h)
-
-    def backward(saved, gradient):
-        values, h = saved
-        return jax.vjp(with_values, values, read_after(h, gradient))[1](gradient)
-
-    recomputed.defvjp(forward, backward)
-    return recomputed([v.value for v in trainable], x)
+    return recompute_after_gradient(with_values, [v.value for v in trainable], x)
