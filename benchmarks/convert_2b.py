@@ -6,6 +6,8 @@ Each phase runs in its own process so its peak resident memory (VmHWM) is its ow
   to_keras  `convert_hf_to_keras(..., dtype="bfloat16")` (what `gemma-keras convert` runs)
   to_hf     `convert_keras_to_hf(...)` back to bfloat16 safetensors
   compare   every tensor of the round trip against the source, bit for bit, one at a time
+  load_int8 `Gemma2CausalLM.from_pretrained(hf_dir, quantize="int8")`, each tensor quantized
+            as it is read (the int8 model is 2.6 GB; the float32 one would be 10.5)
 
 Run alone (it needs ~8 GB and ~16 GB of disk):
     flock /tmp/gemma_bench.lock .venv/bin/python benchmarks/convert_2b.py
@@ -111,8 +113,18 @@ def phase_compare(work):
     return {"identical": True, "tensors": len(a.names)}
 
 
+def phase_load_int8(work):
+    """`from_pretrained(hf_dir, quantize="int8")`: every tensor quantized as it streams in."""
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.quantization import quantized_layers, weight_bytes
+
+    model = Gemma2CausalLM.from_pretrained(os.path.join(work, "hf"), quantize="int8")
+    return {"tensors": len(quantized_layers(model)), "bytes": weight_bytes(model),
+            "what": "int8 layers"}
+
+
 PHASES = {"write": phase_write, "to_keras": phase_to_keras, "to_hf": phase_to_hf,
-          "compare": phase_compare}
+          "compare": phase_compare, "load_int8": phase_load_int8}
 
 
 def run_phase(name, work, script=__file__) -> dict:
@@ -171,7 +183,7 @@ def main():
     def describe(name, r):
         if name == "compare":
             return "bit-identical" if r.get("identical") else f"DIFFERENT ({r.get('why')})"
-        return f"{r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB"
+        return f"{r['tensors']} {r.get('what', 'tensors')}, {r['bytes'] / 1e9:.2f} GB"
 
     phased_main(__doc__, __file__, PHASES, heading, describe)
 

@@ -39,10 +39,12 @@ def read_tokenizer(directory):
 class PretrainedFiles:
     """A model directory, opened: its config, the dtype its weights are stored in, its
     tokenizer (or None), and `fill(model, progress=False)`, which streams the weights into a
-    model built from `config`. `Gemma2CausalLM.from_files` builds and fills."""
+    model built from `config` (also one built quantized, when `fills_quantized`).
+    `Gemma2CausalLM.from_files` builds and fills."""
 
     directory: Path
     config: Gemma2Config
     dtype: str
     tokenizer: GemmaTokenizer | None
     fill: Callable
+    fills_quantized: bool = False

@@ -12,6 +12,7 @@ from gemma_keras.converters.files import PretrainedFiles, read_tokenizer
 from gemma_keras.converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from gemma_keras.converters.streaming import assign_rows, rows_per_block
 from gemma_keras.converters.weight_map import TIED_ALIASES, weight_specs
+from gemma_keras.quantization import assign_quantized_rows
 
 
 def read_hf_config(directory) -> Gemma2Config:
@@ -50,16 +51,21 @@ def check_hf_checkpoint(checkpoint: SafetensorsCheckpoint, specs) -> None:
 def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=False) -> int:
     """Stream every tensor of `checkpoint` into `model`'s variables; return bytes read.
 
-    Tensors move in blocks of rows (every tensor keeps its layout).
+    Tensors move in blocks of rows (every tensor keeps its layout). A model built quantized
+    (`quantization.quantized_dtype`) is filled by quantizing each block as it arrives, so no
+    float copy of a quantized weight is ever whole in memory.
     """
-    specs = weight_specs(model.backbone)
+    specs = weight_specs(model.backbone, quantized=True)
     total = 0
     for spec in tqdm(specs, desc="HF -> Keras", unit="tensor", disable=not progress):
         name, variable = spec.hf_name, spec.variable
         num_rows, rows = spec.hf_shape[0], rows_per_block(spec.hf_shape, 4)
         for start in range(0, num_rows, rows):
             block = checkpoint.read(name, slice(start, min(start + rows, num_rows)))
-            assign_rows(variable, start, block)
+            if spec.layer.quantization_mode is None:
+                assign_rows(variable, start, block)
+            else:
+                assign_quantized_rows(spec.layer, start, block, assign_rows)
         total += checkpoint.nbytes(name)
     return total
 
@@ -79,7 +85,8 @@ def open_hf_checkpoint(directory) -> PretrainedFiles:
     checkpoint = SafetensorsCheckpoint(directory)
 
     def fill(model, progress=False):
-        check_hf_checkpoint(checkpoint, weight_specs(model.backbone))
+        check_hf_checkpoint(checkpoint, weight_specs(model.backbone, quantized=True))
         fill_from_checkpoint(model, checkpoint, progress=progress)
 
-    return PretrainedFiles(directory, config, "float32", read_tokenizer(directory), fill)
+    return PretrainedFiles(directory, config, "float32", read_tokenizer(directory), fill,
+                           fills_quantized=True)

@@ -77,10 +77,11 @@ def _tf_row_writer():
     import tensorflow as tf
     from tensorflow.compiler.tf2xla.python import xla
 
-    # One trace per rank and dtype (XLA still compiles once per shape, without Python).
+    # Few traces (XLA still compiles once per shape, without Python). The corner is built
+    # from the runtime shape: after rows of two ranks, the trace is of unknown rank.
     @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
     def write(variable, rows, start):
-        corner = tf.concat([[start], tf.zeros([rows.shape.rank - 1], tf.int32)], axis=0)
+        corner = tf.concat([[start], tf.zeros_like(tf.shape(rows))[1:]], axis=0)
         variable.assign(xla.dynamic_update_slice(variable.read_value(), rows, corner))
 
     return write

@@ -27,16 +27,21 @@ BLOCK_TENSORS = {
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """One checkpoint tensor: its HF name, its Keras variable (same shape) and that
-    variable's layer."""
+    """One checkpoint tensor: its HF name, its Keras variable (same shape; a quantized layer's
+    integers when the specs were taken with `quantized=True`) and that variable's layer."""
 
     hf_name: str
     variable: object  # keras.Variable
     layer: object  # keras.layers.Layer
+    hf_shape: tuple
 
-    @property
-    def hf_shape(self) -> tuple:
-        return tuple(self.variable.shape)
+
+def _spec(hf_name, layer, name, quantized):
+    if quantized and layer.quantization_mode is not None:
+        integers, _ = layer.quantized_weights()
+        return WeightSpec(hf_name, integers, layer, layer.float_shape)
+    variable = getattr(layer, name)  # raises for a quantized layer: the exports need floats
+    return WeightSpec(hf_name, variable, layer, tuple(variable.shape))
 
 
 def _resolve(root, dotted):
@@ -46,18 +51,17 @@ def _resolve(root, dotted):
     return obj
 
 
-def weight_specs(backbone) -> list[WeightSpec]:
-    """Every HF tensor of a Gemma 2 checkpoint paired with the backbone's variable."""
-    specs = [
-        WeightSpec("model.embed_tokens.weight", backbone.embed_tokens.embeddings,
-                   backbone.embed_tokens),
-        WeightSpec("model.norm.weight", backbone.final_norm.scale, backbone.final_norm),
-    ]
+def weight_specs(backbone, quantized=False) -> list[WeightSpec]:
+    """Every HF tensor of a Gemma 2 checkpoint paired with the backbone's variable. A
+    quantized layer's spec holds its stored integers and the float shape with
+    `quantized=True` (for filling it from a checkpoint); without, taking it raises."""
+    specs = [_spec("model.embed_tokens.weight", backbone.embed_tokens, "embeddings", quantized),
+             _spec("model.norm.weight", backbone.final_norm, "scale", quantized)]
     for i, block in enumerate(backbone.blocks):
         for suffix, path in BLOCK_TENSORS.items():
             layer_path, name = path.rsplit(".", 1)
-            layer = _resolve(block, layer_path)
-            specs.append(WeightSpec(f"model.layers.{i}.{suffix}", getattr(layer, name), layer))
+            specs.append(_spec(f"model.layers.{i}.{suffix}", _resolve(block, layer_path), name,
+                               quantized))
     return specs
 
 

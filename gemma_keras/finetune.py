@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import keras
@@ -76,8 +77,8 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     with the same settings resumes from the latest one. At the end LoRA adapters are saved
     (`checkpoint_dir/adapter.safetensors`) and merged, and the model is written to `out_dir`
     as a gemma-keras model directory that every subcommand accepts. `quantize="int8"` trains
-    the LoRA adapters on int8 base weights (`model.quantize`; LoRA required); the merged
-    result is a float model.
+    the LoRA adapters on int8 base weights (`from_pretrained(quantize=...)`: a Hugging Face
+    directory is quantized as it loads; LoRA required); the merged result is a float model.
 
     Returns a dict with the per-epoch history and the paths written.
     """
@@ -91,19 +92,14 @@ def finetune(model_dir, data_path, out_dir, epochs=1, batch_size=8, sequence_len
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{model_dir}: no config.json (not a model directory)")
     config = Gemma2Config.from_json_file(config_path)
-    if remat:
-        with remat_scope(config):
-            model = Gemma2CausalLM.from_pretrained(model_dir, dtype=dtype)
-    else:
-        model = Gemma2CausalLM.from_pretrained(model_dir, dtype=dtype)
+    with remat_scope(config) if remat else contextlib.nullcontext():
+        model = Gemma2CausalLM.from_pretrained(model_dir, dtype=dtype, quantize=quantize)
     if model.tokenizer is None:
         raise FileNotFoundError(f"{model_dir}: no tokenizer.model to encode the data with")
 
     train, val = load_splits(model, data_path, sequence_length, validation_path,
                              validation_split, seed)
 
-    if quantize:
-        model.quantize(quantize)
     if lora_rank:
         lora.enable_lora(model, lora_rank, alpha=lora_alpha, targets=lora_targets)
     model.compile(optimizer=adamw(model, learning_rate=learning_rate,

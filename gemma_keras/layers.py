@@ -161,6 +161,15 @@ class Linear(keras.layers.Layer):
                                             initializer="ones", trainable=False)
         self._is_quantized = True
 
+    @property
+    def float_shape(self):
+        """The float kernel's shape, [out, in], also once quantized."""
+        return (self.units, self.input_dim)
+
+    def quantized_weights(self):
+        """`(integers, scales)`: the variables the quantized kernel is stored in."""
+        return self._kernel, self.kernel_scale
+
     def _quantized_call(self, x):
         q = quantization.unpack(self._kernel, self.quantization_mode, self.input_dim)
         y = quantization.quantized_matmul_transposed(x, q, self.kernel_scale,
@@ -246,6 +255,15 @@ class TiedEmbedding(keras.layers.Embedding):
         quantization.check_mode(self, mode, config)
         super().quantized_build(embeddings_shape, mode, config)
         self.inputs_quantizer = quantization.activation_quantizer(config, mode)
+
+    @property
+    def float_shape(self):
+        """The float matrix's shape, [vocab, hidden], also once quantized."""
+        return (self.input_dim, self.output_dim)
+
+    def quantized_weights(self):
+        """`(integers, scales)`: the variables the quantized matrix is stored in."""
+        return self._embeddings, self.embeddings_scale
 
     def _get_embeddings_with_merged_lora(self):
         # Keras' saving reads this; it asks the policy object, which is a DTypePolicyMap

@@ -2,7 +2,8 @@
 
 - `load_model(directory=None, dtype=None)`: a gemma-keras or Hugging Face model directory
   (`Gemma2CausalLM.from_pretrained`), or the bundled tiny model when `directory` is None.
-- `load_hf_checkpoint(path, dtype=None, progress=False)`: a Hugging Face Gemma 2 directory.
+- `load_hf_checkpoint(path, dtype=None, quantize=None, progress=False)`: a Hugging Face
+  Gemma 2 directory.
 - `load_model_dir(directory, dtype=None)`: a gemma-keras model directory (`gemma-keras convert`).
 
 The readers (`gemma_keras.converters.hf_checkpoint.open_hf_checkpoint`,
@@ -29,7 +30,7 @@ def load_model(directory=None, dtype=None):
     return Gemma2CausalLM.from_pretrained(model_dir_or_tiny(directory), dtype=dtype)
 
 
-def load_hf_checkpoint(path, dtype=None, progress=False):
+def load_hf_checkpoint(path, dtype=None, quantize=None, progress=False):
     """Load a Hugging Face Gemma 2 checkpoint directory as a `Gemma2CausalLM`.
 
     Args:
@@ -37,6 +38,9 @@ def load_hf_checkpoint(path, dtype=None, progress=False):
         with model.safetensors.index.json); float32, float16 or bfloat16 tensors.
       dtype: Keras dtype policy of the model ("float32" by default: on CPU Keras computes
         fastest in float32).
+      quantize: "int8" or "int4" (per channel) to store the projections and the tied
+        embedding quantized, each tensor quantized as it is read (the float weights are
+        never whole in memory).
       progress: show a progress bar.
 
     The config's model_type, and every tensor's presence and shape, are checked before any
@@ -46,7 +50,8 @@ def load_hf_checkpoint(path, dtype=None, progress=False):
     Example:
     >>> model = load_hf_checkpoint("gemma-2-2b", dtype="bfloat16")
     """
-    return Gemma2CausalLM.from_files(open_hf_checkpoint(path), dtype=dtype, progress=progress)
+    return Gemma2CausalLM.from_files(open_hf_checkpoint(path), dtype=dtype, quantize=quantize,
+                                     progress=progress)
 
 
 def load_model_dir(directory, dtype=None):

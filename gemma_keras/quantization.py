@@ -43,15 +43,17 @@ VALUE_RANGES = {"int8": (-127, 127), "int4": (-8, 7)}
 BACKWARD_BLOCK_ELEMENTS = 1 << 25
 
 
-def check_mode(layer, mode, config=None):
-    """Raise ValueError unless `mode` (with `config`) is one this package stores."""
+def check_mode(what, mode, config=None):
+    """Raise ValueError unless `mode` (with `config`) is one this package stores; `what` (a
+    layer, or a name) leads the message."""
+    name = getattr(what, "name", what)
     if mode not in MODES:
-        raise ValueError(f"{layer.name}: quantization mode {mode!r} is not supported; "
+        raise ValueError(f"{name}: quantization mode {mode!r} is not supported; "
                          f"use one of {list(MODES)}")
     block_size = getattr(config, "block_size", None)
     if mode == "int4" and block_size not in (None, -1):
         raise ValueError(
-            f"{layer.name}: int4 is stored per channel here (one scale per row); pass "
+            f"{name}: int4 is stored per channel here (one scale per row); pass "
             "config=keras.quantizers.Int4QuantizationConfig(block_size=-1) "
             f"instead of block_size={block_size}")
 
@@ -166,6 +168,17 @@ def quantized_matmul_transposed(x, q, scale, inputs_quantizer=None):
     return product(x, ops.convert_to_tensor(q), ops.convert_to_tensor(scale))
 
 
+def assign_quantized_rows(layer, start, rows, assign_rows):
+    """Quantize float `rows` (rows `start:` of `layer`'s float weight) into its stored
+    integers and scales, with `assign_rows(variable, start, rows)` (one row's scale depends
+    on that row alone, so a checkpoint can be quantized a block of rows at a time)."""
+    mode = layer.quantization_mode
+    q, scale = quantize_rows(np.asarray(rows, np.float32), mode)
+    integers, scales = layer.quantized_weights()
+    assign_rows(integers, start, pack(q, mode))
+    assign_rows(scales, start, scale)
+
+
 # ------------------------------------------------------------------ whole models
 def quantized_layers(model):
     """The layers of `model` whose weights are quantized."""
@@ -213,6 +226,13 @@ def quantized_dtype(mode="int8", source="float32"):
     policy = keras.dtype_policies.get(f"{mode}_from_{source}")
     return DTypePolicyMap(default_policy=source,
                           policy_map={".*_proj": policy, "embed_tokens": policy})
+
+
+def quantize_model(model, mode):
+    """`model.quantize(mode)`, int4 per channel (the only int4 layout stored here)."""
+    config = keras.quantizers.Int4QuantizationConfig(block_size=-1) if mode == "int4" else None
+    model.quantize(mode, config=config)
+    return model
 
 
 def dequantize(model):

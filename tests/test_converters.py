@@ -143,6 +143,20 @@ def test_variable_rows_reads_back_assigned_rows(dtype):
                                       values[start:stop].astype(np.float32))
 
 
+def test_rows_assigned_in_blocks_at_every_rank_in_turn():
+    """The row writer serves tensors of any rank, in any order (its trace is shared once it
+    has seen two ranks): norms [n], projections [out, in], and back."""
+    import keras
+
+    rng = np.random.default_rng(1)
+    for shape in [(7, 4), (7,), (7, 2, 3), (5, 4), (6,)]:
+        values = rng.standard_normal(shape).astype(np.float32)
+        variable = keras.Variable(np.zeros(shape, np.float32))
+        for start in range(0, shape[0], 3):
+            streaming.assign_rows(variable, start, values[start:start + 3])
+        np.testing.assert_array_equal(np.asarray(variable), values, str(shape))
+
+
 def _peak_of_a_read(variable):
     """Bytes the resident peak rises by while a compiled (non-XLA) function reads `variable`."""
     import tensorflow as tf

@@ -192,6 +192,40 @@ def test_int4_per_channel_and_unsupported_modes(held_out, float_reference):
     assert INT8_RELATIVE_RMS / 10 < error < INT4_RELATIVE_RMS, error
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_hf_checkpoint_quantized_as_it_streams_in(hf_checkpoint, padded_batch, mode,
+                                                 monkeypatch):
+    """`from_pretrained(hf_dir, quantize=mode)` quantizes each block of rows as it is read
+    (three rows a block here): the same integers and scales as loading float and calling
+    `quantize`, so the same logits, and no float projection or embedding ever built."""
+    from gemma_keras.causal_lm import Gemma2CausalLM
+    from gemma_keras.converters import hf_checkpoint as reader
+    from gemma_keras.quantization import quantize_model, quantized_layers
+
+    reference = quantize_model(Gemma2CausalLM.from_pretrained(hf_checkpoint), mode)
+    monkeypatch.setattr(reader, "rows_per_block", lambda shape, itemsize: 3)
+    streamed = Gemma2CausalLM.from_pretrained(hf_checkpoint, quantize=mode)
+
+    layers, expected = quantized_layers(streamed), quantized_layers(reference)
+    assert [layer.path for layer in layers] == [layer.path for layer in expected]
+    assert len(layers) == 1 + 7 * streamed.config.num_hidden_layers  # embedding, projections
+    for layer, twin in zip(layers, expected):
+        assert layer.quantization_mode == mode
+        for stored, wanted in zip(layer.quantized_weights(), twin.quantized_weights()):
+            assert stored.dtype == wanted.dtype and stored.shape == wanted.shape, layer.path
+            np.testing.assert_array_equal(np.asarray(stored), np.asarray(wanted), layer.path)
+    ids, mask = padded_batch
+    inputs = {"token_ids": ids, "padding_mask": mask}
+    np.testing.assert_array_equal(np.asarray(streamed(inputs)), np.asarray(reference(inputs)))
+
+
+def test_quantize_argument_is_checked_before_loading(tmp_path):
+    from gemma_keras.causal_lm import Gemma2CausalLM
+
+    with pytest.raises(ValueError, match="quantization mode 'int3' is not supported"):
+        Gemma2CausalLM.from_pretrained(TINY, quantize="int3")
+
+
 @pytest.fixture(scope="module")
 def lora_runs():
     """The same LoRA fine-tune (rank 8, all projections, 160 steps) on the float model and on

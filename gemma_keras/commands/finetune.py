@@ -70,7 +70,8 @@ def register(subparsers):
                    help="gradient accumulation: one update every N batches")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="train the LoRA adapters on int8 base weights (less memory; needs "
-                        "--lora-rank); the merged result is a float model")
+                        "--lora-rank; a Hugging Face --model is quantized as it loads); the "
+                        "merged result is a float model")
     p.add_argument("--remat", action="store_true",
                    help="recompute block activations in the backward pass (less memory)")
     p.set_defaults(func=run)
