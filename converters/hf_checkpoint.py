@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from gemma_keras.config import Gemma2Config
@@ -12,7 +13,7 @@ from gemma_keras.converters.files import PretrainedFiles, read_tokenizer
 from gemma_keras.converters.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from gemma_keras.converters.streaming import assign_rows, rows_per_block
 from gemma_keras.converters.weight_map import TIED_ALIASES, weight_specs
-from gemma_keras.quantization import assign_quantized_rows
+from gemma_keras.quantization import pack, quantize_rows
 
 
 def read_hf_config(directory) -> Gemma2Config:
@@ -65,9 +66,19 @@ def fill_from_checkpoint(model, checkpoint: SafetensorsCheckpoint, progress=Fals
             if spec.layer.quantization_mode is None:
                 assign_rows(variable, start, block)
             else:
-                assign_quantized_rows(spec.layer, start, block, assign_rows)
+                _assign_quantized_rows(spec.layer, start, block)
         total += checkpoint.nbytes(name)
     return total
+
+
+def _assign_quantized_rows(layer, start, rows):
+    """Quantize float `rows` (rows `start:` of `layer`'s float weight) into its stored integers
+    and scales: one row's scale depends on that row alone, so a block at a time is exact."""
+    mode = layer.quantization_mode
+    q, scale = quantize_rows(np.asarray(rows, np.float32), mode)
+    integers, scales = layer.quantized_weights()
+    assign_rows(integers, start, pack(q, mode))
+    assign_rows(scales, start, scale)
 
 
 def open_hf_checkpoint(directory) -> PretrainedFiles:

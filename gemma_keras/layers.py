@@ -270,7 +270,7 @@ class TiedEmbedding(keras.layers.Embedding):
         # (not the layer's own mode) in a model loaded quantized. No LoRA on the embedding.
         if self.quantization_mode is None:
             return self.embeddings, None, None
-        return self._embeddings, self.embeddings_scale, None
+        return (*self.quantized_weights(), None)
 
     def dequantize(self, trainable=True):
         """Replace the quantized matrix by a float one holding `q / scale`."""

@@ -46,7 +46,7 @@ BACKWARD_BLOCK_ELEMENTS = 1 << 25
 def check_mode(what, mode, config=None):
     """Raise ValueError unless `mode` (with `config`) is one this package stores; `what` (a
     layer, or a name) leads the message."""
-    name = getattr(what, "name", what)
+    name = what.name if isinstance(what, keras.layers.Layer) else str(what)
     if mode not in MODES:
         raise ValueError(f"{name}: quantization mode {mode!r} is not supported; "
                          f"use one of {list(MODES)}")
@@ -168,17 +168,6 @@ def quantized_matmul_transposed(x, q, scale, inputs_quantizer=None):
     return product(x, ops.convert_to_tensor(q), ops.convert_to_tensor(scale))
 
 
-def assign_quantized_rows(layer, start, rows, assign_rows):
-    """Quantize float `rows` (rows `start:` of `layer`'s float weight) into its stored
-    integers and scales, with `assign_rows(variable, start, rows)` (one row's scale depends
-    on that row alone, so a checkpoint can be quantized a block of rows at a time)."""
-    mode = layer.quantization_mode
-    q, scale = quantize_rows(np.asarray(rows, np.float32), mode)
-    integers, scales = layer.quantized_weights()
-    assign_rows(integers, start, pack(q, mode))
-    assign_rows(scales, start, scale)
-
-
 # ------------------------------------------------------------------ whole models
 def quantized_layers(model):
     """The layers of `model` whose weights are quantized."""
@@ -221,8 +210,7 @@ def policy_map(model):
 def quantized_dtype(mode="int8", source="float32"):
     """A dtype policy that builds a `Gemma2CausalLM` with its projections and embedding
     quantized from the start (zero weights, no float copy ever made): the way to measure or
-    fill an int8 model in the memory it will use. Per-channel int4 needs
-    `quantize(config=...)` instead (a built layer has no config)."""
+    fill a quantized model in the memory it will use (int4 is per channel here)."""
     policy = keras.dtype_policies.get(f"{mode}_from_{source}")
     return DTypePolicyMap(default_policy=source,
                           policy_map={".*_proj": policy, "embed_tokens": policy})

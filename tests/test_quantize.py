@@ -197,7 +197,7 @@ def test_hf_checkpoint_quantized_as_it_streams_in(hf_checkpoint, padded_batch, m
                                                  monkeypatch):
     """`from_pretrained(hf_dir, quantize=mode)` quantizes each block of rows as it is read
     (three rows a block here): the same integers and scales as loading float and calling
-    `quantize`, so the same logits, and no float projection or embedding ever built."""
+    `quantize`, so the same logits."""
     from gemma_keras.causal_lm import Gemma2CausalLM
     from gemma_keras.converters import hf_checkpoint as reader
     from gemma_keras.quantization import quantize_model, quantized_layers
@@ -219,7 +219,7 @@ def test_hf_checkpoint_quantized_as_it_streams_in(hf_checkpoint, padded_batch, m
     np.testing.assert_array_equal(np.asarray(streamed(inputs)), np.asarray(reference(inputs)))
 
 
-def test_quantize_argument_is_checked_before_loading(tmp_path):
+def test_quantize_argument_is_checked_before_loading():
     from gemma_keras.causal_lm import Gemma2CausalLM
 
     with pytest.raises(ValueError, match="quantization mode 'int3' is not supported"):
